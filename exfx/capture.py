@@ -1,0 +1,109 @@
+"""Capture: an ``nn.Module`` (or an existing ``GraphModule``) -> a private ``torch.fx.GraphModule``.
+
+exfx compiles eval-mode inference only, so a model in training mode is refused.
+The model is deep-copied first: later passes fold BatchNorm into weights and must
+never touch the user's parameters.
+
+``torch.fx.symbolic_trace`` is the capture. When it fails (data-dependent control
+flow, untraceable calls), :class:`~exfx.errors.CaptureError` names the module
+being traced and the line of user code that failed, and suggests the fixes:
+``leaf_modules=[...]`` to keep a module opaque, ``concrete_args={...}`` to fix a
+Python argument, or tracing the model yourself and passing the GraphModule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from exfx.errors import CaptureError, TrainingModeError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["capture", "check_eval_mode", "normalise_inputs"]
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """Raise :class:`TrainingModeError` if any submodule is in training mode."""
+    for name, module in model.named_modules():
+        if module.training:
+            where = f"submodule {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+            raise TrainingModeError(f"{where} is in training mode; exfx compiles inference only. "
+                                    f"Call model.eval() before exfx.compile/explain.")
+
+
+def normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """A single tensor or a sequence of inputs -> a tuple of positional inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise UnsupportedModelError(f"example_inputs must be a tensor or a tuple of positional inputs, "
+                                f"got {type(example_inputs).__name__}")
+
+
+class _PathTracer(fx.Tracer):
+    """A tracer that remembers which module it is inside, for error messages."""
+
+    def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+        self.exfx_path_stack: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_names or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.exfx_path_stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.exfx_path_stack.pop()
+
+
+def _user_frame(err: BaseException) -> str:
+    """The innermost traceback frame outside torch and exfx: where the user's code failed."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/torch/" not in f.filename and "/exfx/" not in f.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f": {frame.line.strip()}" if frame.line else ""
+    return f" at `{frame.name}` line {frame.lineno}{code}"
+
+
+def _trace(model: torch.nn.Module, leaf_modules: Sequence[str], concrete_args: Mapping[str, Any] | None) -> fx.GraphModule:
+    unknown = [name for name in leaf_modules if name not in dict(model.named_modules())]
+    if unknown:
+        raise CaptureError(f"leaf_modules names {unknown} that are not submodules of the model")
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as err:  # symbolic tracing raises many types; all mean the same to the user
+        where = f"module {tracer.exfx_path_stack[-1]!r}" if tracer.exfx_path_stack else "the model's forward"
+        leaf_hint = (f"exfx.compile(..., leaf_modules=[{tracer.exfx_path_stack[-1]!r}]) to keep it opaque, "
+                     if tracer.exfx_path_stack else "")
+        raise CaptureError(
+            f"torch.fx.symbolic_trace failed in {where}{_user_frame(err)}: {type(err).__name__}: {err}. "
+            f"Fix: pass {leaf_hint}concrete_args={{...}} to fix Python-valued arguments, or trace the "
+            f"model yourself and pass the torch.fx.GraphModule.") from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def capture(model: torch.nn.Module, leaf_modules: Sequence[str] = (),
+            concrete_args: Mapping[str, Any] | None = None) -> fx.GraphModule:
+    """A private GraphModule of ``model``: the user's model is never modified."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"exfx compiles torch.nn.Module instances, got {type(model).__name__}")
+    check_eval_mode(model)
+    private = copy.deepcopy(model)
+    if isinstance(private, fx.GraphModule):
+        logger.debug("using the given GraphModule as captured")
+        return private
+    return _trace(private, leaf_modules, concrete_args)

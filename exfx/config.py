@@ -1,0 +1,293 @@
+"""Configuration: global knobs (:class:`Config`) and per-site parameters (:class:`Plan`).
+
+``Config`` is a frozen, validated dataclass; a bad field raises ``ValueError``
+naming the field. ``Plan`` maps site names (the dotted name of the producing
+module or parameter, e.g. ``layer1.0.conv1``) to :class:`SiteParams`, round-trips
+through JSON and carries a fingerprint of the model it was made for, so that it
+cannot silently be applied to another model.
+
+Example::
+
+    >>> cfg = exfx.Config(rule="ztest", alpha=0.05, samples=(16, 32))
+    >>> plan = exfx.Plan.from_report(exfx.explain(model, (x,), cfg), cfg)
+    >>> plan.save("plan.json"); exfx.Plan.load("plan.json") == plan
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from exfx.errors import PlanError, PlanMismatchError
+from exfx.ops.enp_ops import RULES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from exfx.report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Config", "SiteParams", "Plan", "CONFIG_VERSION", "PLAN_VERSION"]
+
+CONFIG_VERSION = 1
+PLAN_VERSION = 1
+
+
+def _normalise_samples(samples: Any, field_name: str = "samples") -> tuple[int, ...]:
+    """An int or an increasing sequence of positive ints -> a tuple of checkpoints."""
+    if isinstance(samples, bool):
+        raise ValueError(f"{field_name} must be a positive int or an increasing sequence of them, got {samples!r}")
+    if isinstance(samples, int):
+        samples = (samples,)
+    try:
+        values = tuple(samples)
+    except TypeError:
+        raise ValueError(
+            f"{field_name} must be a positive int or an increasing sequence of them, got {samples!r}") from None
+    if not values:
+        raise ValueError(f"{field_name} must name at least one checkpoint, got an empty sequence")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field_name} must hold positive ints, got {value!r} in {samples!r}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{field_name} must be strictly increasing, got {values!r}")
+    return values
+
+
+def _check_rule_params(rule: Any, threshold: Any, alpha: Any, samples: tuple[int, ...], where: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"{where}rule must be one of {RULES}, got {rule!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(f"{where}threshold must be a number (use -inf to never prune), got {threshold!r}")
+    if threshold == math.inf:
+        raise ValueError(f"{where}threshold must be below +inf (+inf would prune every neuron), got {threshold!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 0.5:
+        raise ValueError(f"{where}alpha must be in [0, 0.5] (0 never prunes, 0.5 prunes when the mean is "
+                         f"negative), got {alpha!r}")
+    if rule == "ztest" and samples[0] < 2:
+        raise ValueError(f"{where}samples must be at least 2 under the z-test (it needs a variance), "
+                         f"got {samples!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Global knobs of the ENP rewrite.
+
+    Args:
+        rule: ``"threshold"`` prunes when the estimated mean term is below
+            ``threshold``; ``"ztest"`` prunes when the one-sided z-test rejects
+            "mean >= 0" at level ``alpha``.
+        threshold: threshold rule only. ``-inf`` never prunes; ``0`` prunes
+            whenever the estimate is negative. The paper tunes it in [-30, 0].
+        alpha: z-test only, in [0, 0.5]. ``0`` never prunes.
+        samples: units summed before each early-exit test; an int or an
+            increasing schedule such as ``(16, 32, 64)``. A site is eligible when
+            its fan-in is at least the last checkpoint.
+
+    The defaults are the paper's untuned operating point (threshold 0 at 32
+    samples); calibrate per-site parameters for an accuracy budget.
+    """
+
+    rule: str = "threshold"
+    threshold: float = 0.0
+    alpha: float = 0.05
+    samples: int | tuple[int, ...] = 32
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"version must be {CONFIG_VERSION}, got {self.version!r}")
+
+    @property
+    def site_params(self) -> SiteParams:
+        """These settings as the parameters of one site."""
+        return SiteParams(rule=self.rule, threshold=self.threshold, alpha=self.alpha, samples=self.samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"] = list(self.samples)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown Config field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SiteParams:
+    """Early-exit parameters of one site (see :class:`Config` for the meaning).
+
+    ``enabled=False`` leaves the site dense.
+    """
+
+    rule: str = "threshold"
+    threshold: float = 0.0
+    alpha: float = 0.05
+    samples: int | tuple[int, ...] = 32
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+
+    @property
+    def param(self) -> float:
+        """The number the early-exit op takes: the threshold, or alpha for the z-test."""
+        return float(self.threshold) if self.rule == "threshold" else float(self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "threshold": _float_to_json(self.threshold), "alpha": self.alpha,
+                "samples": list(self.samples), "enabled": self.enabled}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], site: str = "?") -> SiteParams:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan site {site!r}: expected an object of parameters, got {type(data).__name__}")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise PlanError(f"plan site {site!r}: unknown field(s) {sorted(unknown)}")
+        values = dict(data)
+        if "threshold" in values:
+            values["threshold"] = _float_from_json(values["threshold"])
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise PlanError(f"plan site {site!r}: {err}") from None
+
+
+def _float_to_json(value: float) -> float | str:
+    return value if math.isfinite(value) else ("-inf" if value < 0 else "inf")
+
+
+def _float_from_json(value: Any) -> Any:
+    if value in ("-inf", "inf"):
+        return float(value)
+    return value
+
+
+def fingerprint(signatures: Mapping[str, str]) -> str:
+    """A short stable hash of the eligible sites and their shapes."""
+    text = "\n".join(f"{name}={sig}" for name, sig in sorted(signatures.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """Per-site parameters keyed by site name, with the fingerprint of the model.
+
+    ``signatures`` maps every eligible site of the model the plan was made for to
+    a shape signature (``"linear 512->256 units=512"``); applying the plan to a
+    model whose sites differ raises :class:`~exfx.errors.PlanMismatchError` that
+    lists them. A plan built by hand with no signatures is checked by site name
+    only.
+    """
+
+    sites: dict[str, SiteParams] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.signatures) if self.signatures else None
+
+    @classmethod
+    def from_report(cls, report: Report, config: Config | None = None) -> Plan:
+        """A plan that gives every eligible site of ``report`` the settings of ``config``."""
+        params = (config or Config()).site_params
+        eligible = [s for s in report.sites if s.eligible]
+        return cls(sites={s.name: params for s in eligible}, signatures={s.name: s.signature for s in eligible})
+
+    def check_against(self, signatures: Mapping[str, str], fan_ins: Mapping[str, int]) -> None:
+        """Raise if this plan does not fit the model whose eligible sites are ``signatures``."""
+        problems: list[str] = []
+        if self.signatures:
+            for name in sorted(set(self.signatures) | set(signatures)):
+                mine, theirs = self.signatures.get(name), signatures.get(name)
+                if mine != theirs:
+                    problems.append(f"{name}: plan has {mine or 'no such site'}, model has {theirs or 'no such site'}")
+        for name in sorted(set(self.sites) - set(signatures)):
+            if not self.signatures or name in self.signatures:
+                problems.append(f"{name}: in the plan but not an eligible site of this model")
+        if problems:
+            raise PlanMismatchError(
+                f"plan (fingerprint {self.fingerprint}) does not match this model (fingerprint "
+                f"{fingerprint(signatures)}); mismatched sites:\n  " + "\n  ".join(problems)
+                + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")
+        for name, params in self.sites.items():
+            if params.enabled and params.samples[-1] > fan_ins[name]:
+                raise PlanError(f"plan site {name!r}: samples {params.samples} exceed its fan-in {fan_ins[name]}; "
+                                f"use at most {fan_ins[name]} samples or set enabled=false")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "fingerprint": self.fingerprint, "signatures": dict(self.signatures),
+                "sites": {name: p.to_dict() for name, p in self.sites.items()}, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan field 'version': expected {PLAN_VERSION}, got {version!r}")
+        unknown = set(data) - {"version", "fingerprint", "signatures", "sites", "meta"}
+        if unknown:
+            raise PlanError(f"plan: unknown field(s) {sorted(unknown)}")
+        sites, signatures = data.get("sites", {}), data.get("signatures", {})
+        if not isinstance(sites, Mapping):
+            raise PlanError("plan field 'sites' must be an object mapping site names to parameters")
+        if not isinstance(signatures, Mapping) or not all(isinstance(v, str) for v in signatures.values()):
+            raise PlanError("plan field 'signatures' must map site names to strings")
+        plan = cls(sites={str(k): SiteParams.from_dict(v, str(k)) for k, v in sites.items()},
+                   signatures=dict(signatures), meta=dict(data.get("meta") or {}))
+        stored = data.get("fingerprint")
+        if stored is not None and stored != plan.fingerprint:
+            raise PlanError(f"plan field 'fingerprint' is {stored!r} but its signatures hash to "
+                            f"{plan.fingerprint!r}: the file was edited or corrupted")
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"plan is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                            f"the file may be truncated") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as err:
+            raise PlanError(f"cannot read plan file {os.fspath(path)!r}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {os.fspath(path)!r} is not UTF-8 text") from None
+        return cls.from_json(text)
+
+    def with_site(self, name: str, **changes: Any) -> Plan:
+        """A copy with one site's parameters changed."""
+        sites = dict(self.sites)
+        sites[name] = replace(sites.get(name, SiteParams()), **changes)
+        return Plan(sites=sites, signatures=dict(self.signatures), meta=dict(self.meta), version=self.version)

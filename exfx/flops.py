@@ -1,0 +1,181 @@
+"""Executed versus dense FLOPs, counted through ``torch.utils.flop_counter``.
+
+Convention: **2 FLOPs per multiply-add**, the same as ``FlopCounterMode`` uses for
+``mm``/``conv``. Element-wise work (bias adds, ReLU) is not counted, exactly as
+``FlopCounterMode`` does not count it for the dense model.
+
+The ``exfx::`` ops register FLOP formulas that follow the actual masks:
+
+- ``partial_sum`` over units ``[a, b)``: ``2 * (b - a) * t`` per *active* neuron,
+  where ``t`` is the multiply-adds per unit (kernel taps for a conv, features per
+  unit for a flattened linear input); plus ``MOMENT_FLOPS_PER_TERM * (b - a)`` per
+  active neuron under the z-test (the second moment).
+- ``early_exit``: ``THRESHOLD_TEST_FLOPS`` (4) or ``ZTEST_TEST_FLOPS`` (12) per
+  tested neuron.
+- ``complete`` from unit ``a``: ``2 * (n - a) * t`` per *kept* neuron.
+
+A neuron's dense cost is ``2 * n * t``. The dense figure of a compiled module is
+its executed FLOPs with every site replaced by its dense cost, so the two figures
+differ only by what early exit saved and what the tests cost.
+
+The per-site figures are gathered in a :class:`contextvars.ContextVar`, so
+counting in one thread never mixes with another's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from exfx.ops import enp_ops
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SiteFlops", "FlopReport", "count_flops", "FLOP_CONVENTION"]
+
+FLOP_CONVENTION = "2 FLOPs per multiply-add; element-wise ops not counted; exfx test overhead included"
+
+
+@dataclass
+class SiteFlops:
+    """FLOPs and neuron counts of one ENP site for one call."""
+
+    name: str
+    executed: int = 0
+    dense: int = 0
+    neurons: int = 0
+    pruned: int = 0
+
+    @property
+    def pruned_fraction(self) -> float:
+        return self.pruned / self.neurons if self.neurons else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "executed": self.executed, "dense": self.dense, "neurons": self.neurons,
+                "pruned": self.pruned, "pruned_fraction": self.pruned_fraction}
+
+
+@dataclass
+class FlopReport:
+    """The result of :func:`count_flops`."""
+
+    dense: int
+    executed: int
+    sites: dict[str, SiteFlops] = field(default_factory=dict)
+    convention: str = FLOP_CONVENTION
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of dense FLOPs saved (negative if the tests cost more than they save)."""
+        return 1.0 - self.executed / self.dense if self.dense else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense, "executed": self.executed, "reduction": self.reduction,
+                "convention": self.convention, "sites": {k: v.to_dict() for k, v in self.sites.items()}}
+
+    def __str__(self) -> str:
+        lines = [f"dense {self.dense:,} FLOPs, executed {self.executed:,} FLOPs "
+                 f"({100 * self.reduction:.2f}% saved; {self.convention})"]
+        for site in self.sites.values():
+            lines.append(f"  {site.name:<30} executed {site.executed:>14,}  dense {site.dense:>14,}  "
+                         f"pruned {100 * site.pruned_fraction:6.2f}%")
+        return "\n".join(lines)
+
+
+_SITES: contextvars.ContextVar[dict[str, SiteFlops] | None] = contextvars.ContextVar("exfx_site_flops",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def _site_accounting() -> Iterator[dict[str, SiteFlops]]:
+    sites: dict[str, SiteFlops] = {}
+    token = _SITES.set(sites)
+    try:
+        yield sites
+    finally:
+        _SITES.reset(token)
+
+
+def _record(site: str, **amounts: int) -> None:
+    sites = _SITES.get()
+    if sites is None:
+        return
+    entry = sites.setdefault(site, SiteFlops(site))
+    for key, value in amounts.items():
+        setattr(entry, key, getattr(entry, key) + int(value))
+
+
+def _count_active(active: Tensor | None, shape: torch.Size) -> int:
+    if active is None:
+        return int(torch.Size(shape).numel())
+    return int(active.sum())
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs[name]
+
+
+@register_flop_formula(torch.ops.exfx.partial_sum, get_raw=True)
+def _partial_sum_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
+    x, weight, active = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 3, "active")
+    start, stop = _arg(args, kwargs, 4, "start"), _arg(args, kwargs, 5, "stop")
+    n_units, moments, site = _arg(args, kwargs, 6, "n_units"), _arg(args, kwargs, 11, "moments"), _arg(
+        args, kwargs, 12, "site")
+    neurons = _count_active(active, out_val.shape[1:])
+    units = stop - start
+    flops = 2 * units * enp_ops.terms_per_unit(x, weight, n_units) * neurons
+    if moments:
+        flops += enp_ops.MOMENT_FLOPS_PER_TERM * units * neurons
+    _record(site, executed=flops)
+    return flops
+
+
+@register_flop_formula(torch.ops.exfx.early_exit, get_raw=True)
+def _early_exit_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
+    active, rule, site = _arg(args, kwargs, 4, "active"), _arg(args, kwargs, 7, "rule"), _arg(args, kwargs, 9, "site")
+    per_test = enp_ops.ZTEST_TEST_FLOPS if rule == "ztest" else enp_ops.THRESHOLD_TEST_FLOPS
+    flops = per_test * _count_active(active, out_val.shape)
+    _record(site, executed=flops)
+    return flops
+
+
+@register_flop_formula(torch.ops.exfx.complete, get_raw=True)
+def _complete_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
+    x, weight, active = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 5, "active")
+    start, n_units, site = _arg(args, kwargs, 6, "start"), _arg(args, kwargs, 7, "n_units"), _arg(
+        args, kwargs, 12, "site")
+    fan_in = enp_ops.fan_in_of(x, weight, n_units)
+    per_unit = 2 * enp_ops.terms_per_unit(x, weight, n_units)
+    neurons = out_val.numel()
+    kept = int(active.sum())
+    flops = per_unit * (fan_in - start) * kept
+    _record(site, executed=flops, dense=per_unit * fan_in * neurons, neurons=neurons, pruned=neurons - kept)
+    return flops
+
+
+def count_flops(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> FlopReport:
+    """Run ``module(*inputs, **kwargs)`` once and count executed and dense FLOPs.
+
+    Works on any module; for an exfx-compiled one, ``.sites`` holds per-site
+    figures and ``.executed`` follows the actual early-exit masks.
+
+    Example::
+
+        >>> gm = exfx.compile(model, (x,))
+        >>> report = exfx.count_flops(gm, x)
+        >>> report.executed < report.dense
+        True
+    """
+    with torch.no_grad(), _site_accounting() as sites, FlopCounterMode(display=False) as counter:
+        module(*inputs, **kwargs)
+    executed = int(counter.get_total_flops())
+    dense = executed + sum(s.dense - s.executed for s in sites.values())
+    return FlopReport(dense=dense, executed=executed, sites=dict(sites))

@@ -1,0 +1,273 @@
+"""Canonicalize: one spelling per op, so later passes match one pattern.
+
+What it rewrites:
+
+- **ReLU.** ``nn.ReLU`` (in place or not), ``F.relu`` (``inplace=True`` too),
+  ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_``
+  all become ``torch.relu(x)``.
+- **Linear and conv.** ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` modules and
+  the ``F.linear``/``F.conv1d``/``F.conv2d`` functions become
+  ``F.linear(x, weight, bias)`` or ``F.convNd(x, weight, bias, stride=[..],
+  padding=[..], dilation=[..], groups=g)`` with ``weight``/``bias`` as graph
+  inputs (``get_attr`` nodes). ``x @ W``, ``torch.matmul(x, W)`` and
+  ``torch.mm(x, W)`` with a 2-D parameter ``W`` become ``F.linear(x, W.t())``.
+- **Eval-mode identities.** ``nn.Dropout``/``F.dropout(training=False)`` and
+  ``nn.Identity`` are removed.
+
+Every canonical producer gets ``node.meta["exfx_name"]``: the dotted name of the
+module or parameter it came from (``layer1.0.conv1``, ``w1``). Site names come
+from there, so they are stable whatever later passes do to the weights.
+
+Why it is safe: every rewrite replaces a call by the identical computation. An
+in-place ReLU becomes out-of-place; users of its input that come later in graph
+order are redirected to its result, which is what they saw under in-place
+semantics. Convs with a non-zero padding mode or asymmetric ``"same"`` padding
+are left as they are (later passes then treat them as opaque).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CanonicalizePass", "CANONICAL_CONVS", "is_producer", "is_relu"]
+
+CANONICAL_CONVS = {1: F.conv1d, 2: F.conv2d}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2}
+_CONV_MODULES = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2}
+_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
+_INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
+_IDENTITY_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Identity)
+
+
+def is_relu(node: fx.Node) -> bool:
+    """True for the canonical ReLU form."""
+    return node.op == "call_function" and node.target is torch.relu
+
+
+def is_producer(node: fx.Node) -> bool:
+    """True for a canonical linear or conv node."""
+    return node.op == "call_function" and (node.target is F.linear or node.target in _CONV_FUNCTIONS)
+
+
+def _as_list(value: Any, dims: int) -> list[int]:
+    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
+
+
+def _same_padding(weight_shape: torch.Size, dilation: list[int]) -> list[int] | None:
+    """Explicit symmetric padding equal to ``padding="same"`` at stride 1, if one exists."""
+    pads = []
+    for size, dil in zip(weight_shape[2:], dilation):
+        total = dil * (size - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return pads
+
+
+class CanonicalizePass(PassBase):
+    """Rewrite every ReLU, linear and conv spelling into one canonical form (see module docstring)."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(graph_module.graph.nodes):
+            modified |= self._rewrite(graph_module, node)
+        if modified:
+            graph_module.graph.eliminate_dead_code()
+            graph_module.graph.lint()
+            graph_module.recompile()
+        return PassResult(graph_module, modified)
+
+    def _rewrite(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, torch.nn.ReLU):
+                return self._relu(gm, node, node.args[0], module.inplace, str(node.target))
+            if isinstance(module, _IDENTITY_MODULES):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                return True
+            if type(module) is torch.nn.Linear:
+                return self._linear_module(gm, node)
+            if type(module) in _CONV_MODULES:
+                return self._conv_module(gm, node, module)
+            return False
+        if node.op == "call_function":
+            if node.target is torch.relu and len(node.args) == 1 and not node.kwargs:
+                node.meta.setdefault("exfx_relu_source", node.name)
+                return False
+            if node.target in _RELU_FUNCTIONS:
+                inplace = node.target in _INPLACE_RELU_FUNCTIONS or bool(
+                    node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+                return self._relu(gm, node, node.args[0] if node.args else node.kwargs["input"], inplace)
+            if node.target in _DROPOUT_FUNCTIONS:
+                return self._dropout(gm, node)
+            if node.target is F.linear:
+                return self._linear_function(node)
+            if node.target in _CONV_FUNCTIONS:
+                return self._conv_function(gm, node)
+            if node.target in _MATMUL_FUNCTIONS:
+                return self._matmul(gm, node)
+            return False
+        if node.op == "call_method":
+            if node.target in ("relu", "relu_"):
+                return self._relu(gm, node, node.args[0], node.target == "relu_")
+            if node.target == "matmul":
+                return self._matmul(gm, node)
+        return False
+
+    # -- ReLU ---------------------------------------------------------------
+
+    def _relu(self, gm: fx.GraphModule, node: fx.Node, source: Any, inplace: bool, source_name: str = "") -> bool:
+        with gm.graph.inserting_before(node):
+            relu = gm.graph.call_function(torch.relu, (source,))
+        relu.meta.update(node.meta)
+        relu.meta["exfx_relu_source"] = source_name or node.name
+        node.replace_all_uses_with(relu)
+        gm.graph.erase_node(node)
+        if inplace and isinstance(source, fx.Node):
+            # In place, the input itself held the ReLU's result for everything after it.
+            self._redirect_later_users(source, relu)
+        return True
+
+    @staticmethod
+    def _redirect_later_users(source: fx.Node, replacement: fx.Node) -> None:
+        order = {n: i for i, n in enumerate(source.graph.nodes)}
+        for user in list(source.users):
+            if user is not replacement and order[user] > order[replacement]:
+                user.replace_input_with(source, replacement)
+
+    @staticmethod
+    def _dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if training is not False:
+            return False
+        node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+        gm.graph.erase_node(node)
+        return True
+
+    # -- Linear -------------------------------------------------------------
+
+    @staticmethod
+    def _param_node(gm: fx.GraphModule, node: fx.Node, target: str) -> fx.Node:
+        with gm.graph.inserting_before(node):
+            return gm.graph.get_attr(target)
+
+    def _linear_module(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        module = gm.get_submodule(str(node.target))
+        weight = self._param_node(gm, node, f"{node.target}.weight")
+        bias = self._param_node(gm, node, f"{node.target}.bias") if module.bias is not None else None
+        with gm.graph.inserting_before(node):
+            linear = gm.graph.call_function(F.linear, (node.args[0], weight, bias))
+        self._finish(node, linear, str(node.target))
+        return True
+
+    def _linear_function(self, node: fx.Node) -> bool:
+        names = ("input", "weight", "bias")
+        values = [node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in enumerate(names)]
+        canonical = node.kwargs == {} and len(node.args) == 3
+        if not canonical:
+            node.args, node.kwargs = tuple(values), {}
+        node.meta.setdefault("exfx_name", _param_name(values[1]) or node.name)
+        return not canonical
+
+    def _matmul(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        if len(node.args) != 2:
+            return False
+        lhs, rhs = node.args
+        if not (isinstance(rhs, fx.Node) and rhs.op == "get_attr"):
+            return False
+        value = _fetch_attr(gm, str(rhs.target))
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            return False
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.call_method("t", (rhs,))
+            linear = gm.graph.call_function(F.linear, (lhs, weight, None))
+        self._finish(node, linear, _param_name(rhs) or node.name)
+        return True
+
+    # -- Conv ---------------------------------------------------------------
+
+    def _conv_module(self, gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module) -> bool:
+        dims = _CONV_MODULES[type(module)]
+        if module.padding_mode != "zeros":
+            logger.info("leaving %s as is: padding_mode=%r", node.target, module.padding_mode)
+            return False
+        padding = self._explicit_padding(module.padding, module.weight.shape, _as_list(module.dilation, dims),
+                                         _as_list(module.stride, dims), dims)
+        if padding is None:
+            return False
+        weight = self._param_node(gm, node, f"{node.target}.weight")
+        bias = self._param_node(gm, node, f"{node.target}.bias") if module.bias is not None else None
+        with gm.graph.inserting_before(node):
+            conv = gm.graph.call_function(
+                CANONICAL_CONVS[dims], (node.args[0], weight, bias),
+                {"stride": _as_list(module.stride, dims), "padding": padding,
+                 "dilation": _as_list(module.dilation, dims), "groups": int(module.groups)})
+        self._finish(node, conv, str(node.target))
+        return True
+
+    def _conv_function(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        dims = _CONV_FUNCTIONS[node.target]  # type: ignore[index]
+        defaults: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        values = {name: (node.args[i] if len(node.args) > i else node.kwargs.get(name, defaults.get(name)))
+                  for i, name in enumerate(_CONV_ARG_NAMES)}
+        if any(isinstance(values[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
+            return False
+        weight = values["weight"]
+        shape = weight.meta.get("tensor_meta").shape if isinstance(weight, fx.Node) and "tensor_meta" in weight.meta else None
+        dilation, stride = _as_list(values["dilation"], dims), _as_list(values["stride"], dims)
+        padding = self._explicit_padding(values["padding"], shape, dilation, stride, dims)
+        if padding is None:
+            return False
+        node.args = (values["input"], weight, values["bias"])
+        node.kwargs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": int(values["groups"])}
+        node.meta.setdefault("exfx_name", _param_name(weight) or node.name)
+        return True
+
+    @staticmethod
+    def _explicit_padding(padding: Any, weight_shape: torch.Size | None, dilation: list[int], stride: list[int],
+                          dims: int) -> list[int] | None:
+        if padding == "valid":
+            return [0] * dims
+        if padding == "same":
+            if weight_shape is None or any(s != 1 for s in stride):
+                return None
+            return _same_padding(weight_shape, dilation)
+        return _as_list(padding, dims)
+
+    @staticmethod
+    def _finish(old: fx.Node, new: fx.Node, name: str) -> None:
+        new.meta.update(old.meta)
+        new.meta["exfx_name"] = name
+        old.replace_all_uses_with(new)
+        old.graph.erase_node(old)
+
+
+def _param_name(node: Any) -> str | None:
+    """``conv1.weight`` -> ``conv1``; ``w1`` -> ``w1``; None for a non-parameter."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "t":
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    target = str(node.target)
+    return target[: -len(".weight")] if target.endswith(".weight") else target
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value

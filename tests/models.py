@@ -1,0 +1,157 @@
+"""Small eval-mode models that exercise every pattern exfx handles (shared by the tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """Every ReLU spelling in one network."""
+
+    def __init__(self, sizes: tuple[int, ...] = (20, 64, 64, 48, 40, 10)) -> None:
+        super().__init__()
+        self.net = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spellings = [self.act, F.relu, torch.relu, lambda t: t.relu(), lambda t: t.relu_()]
+        for i, layer in enumerate(self.net[:-1]):
+            x = spellings[i % len(spellings)](layer(x))
+        return self.net[-1](x)
+
+
+class FunctionalMLP(nn.Module):
+    """Functional weights: ``F.linear`` with parameters and ``x @ W + b``."""
+
+    def __init__(self, d_in: int = 16, hidden: int = 64, d_out: int = 5) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, d_in) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(hidden, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.w3 = nn.Parameter(torch.randn(hidden, d_out) / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.linear(x, self.w1, self.b1))
+        h = torch.relu(h @ self.w2.t() + self.b2) if False else F.relu(F.linear(h, self.w2, self.b2))
+        return h @ self.w3
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model
+
+
+class VGGish(nn.Module):
+    """VGG-style CNN with BN, max pooling, flatten and a classifier."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 4 * 4, 64), nn.ReLU(), nn.Dropout(),
+                                        nn.Linear(64, classes))
+        _randomise_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetish(nn.Module):
+    """A CIFAR-style ResNet with basic blocks, a 1x1 shortcut and global average pooling."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
+        self.fc = nn.Linear(2 * width, classes)
+        _randomise_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+class GCN(nn.Module):
+    """Dense-adjacency GCN: ``relu(adj @ (h @ W) + b)`` layers, then mean pooling."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 64, classes: int = 3, layers: int = 3) -> None:
+        super().__init__()
+        dims = [d_in] + [hidden] * layers
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(a, b) / math.sqrt(a)) for a, b in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.randn(b) * 0.1) for b in dims[1:])
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        h = x
+        for w, b in zip(self.weights, self.biases):
+            h = torch.relu(adj @ (h @ w) + b)
+        return self.head(h.mean(0, keepdim=True))
+
+
+class OPTBlockLM(nn.Module):
+    """An OPT-style decoder: embedding, pre-LN attention, ReLU FFN (fc1/fc2), LM head."""
+
+    def __init__(self, vocab: int = 50, d: int = 48, heads: int = 4, ffn: int = 96, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.heads = heads
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "out": nn.Linear(d, d),
+                "ln2": nn.LayerNorm(d), "fc1": nn.Linear(d, ffn), "fc2": nn.Linear(ffn, d)}))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        b, t, d = h.shape
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).chunk(3, dim=-1)
+            q = q.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+            k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+            v = v.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + blk["out"](att.transpose(1, 2).reshape(b, t, d))
+            h = h + blk["fc2"](F.relu(blk["fc1"](blk["ln2"](h))))
+        return self.lm_head(self.ln_f(h))
