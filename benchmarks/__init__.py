@@ -1,0 +1,1 @@
+"""exfx benchmarks: model definitions and measurement scripts (not part of the test run)."""

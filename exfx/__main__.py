@@ -1,0 +1,7 @@
+"""``python -m exfx``: the same as the ``exfx`` command."""
+
+import sys
+
+from exfx.cli import main
+
+sys.exit(main())
