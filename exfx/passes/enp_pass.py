@@ -4,6 +4,7 @@ For a site ``relu([A @] producer(x, W, b) + r1 + r2 ...)`` with schedule
 ``(k1, k2, ...)`` the pass emits::
 
     x_in   = A @ x                                   # GCN form only: (A @ x) @ W == A @ (x @ W)
+    shift  = rowsum(A) * b                           # GCN form with a bias: A @ (x W + b)
     res    = r1 + r2 + ...                           # residuals, joined into one shift
     s1     = exfx.partial_sum(x_in, W, None, None, 0, k1, ...)
     keep1  = exfx.early_exit(s1, W, b, res, None, k1, n, rule, param)
@@ -84,9 +85,15 @@ class EnpPass(PassBase):
             return node
 
         with graph.inserting_before(relu):
-            if site.left_node:
-                x = make(torch.matmul, (nodes[site.left_node], x), "left_matmul")
             residual = None
+            if site.left_node:
+                left = nodes[site.left_node]
+                x = make(torch.matmul, (left, x), "left_matmul")
+                if bias is not None:
+                    # A @ (x W + 1 b) = (A @ x) W + (A @ 1) b: the bias becomes a per-row shift.
+                    rows = make(torch.sum, (left, -1, True), "left_row_sum")
+                    residual = make(torch.mul, (rows, bias), "left_bias")
+                    bias = None
             for shift in site.shift_nodes:
                 residual = nodes[shift] if residual is None else make(
                     torch.add, (residual, nodes[shift]), "residual")

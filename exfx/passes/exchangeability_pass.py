@@ -143,6 +143,8 @@ class _AxisGraph:
         self.graph = nx.Graph()
         self.pins: dict[Axis, str] = {}
         self.layouts: dict[Axis, Layout] = {}
+        # Tuple-valued nodes whose elements are fresh tensors (no axis tied to any input).
+        self.fresh_tuples: set[str] = set()
 
     def add(self, node: fx.Node) -> None:
         rank = _rank(node)
@@ -238,6 +240,11 @@ class ExchangeabilityPass(PassBase):
                 return self._reshape(node, g)
             if isinstance(module, torch.nn.Embedding):
                 return self._embedding(node, g)
+            if isinstance(module, torch.nn.MultiheadAttention):
+                # in_proj contracts the inputs' embedding axis and out_proj makes a fresh one, so
+                # neither is constrained from outside; the token and batch axes are pinned anyway.
+                g.fresh_tuples.add(node.name)
+                return
         elif node.op == "call_function":
             if target is F.linear:
                 return self._linear(node, g)
@@ -265,6 +272,9 @@ class ExchangeabilityPass(PassBase):
                 return self._permute(node, g)
             if target is F.embedding:
                 return self._embedding(node, g)
+            if target is operator.getitem and isinstance(node.args[0], fx.Node) and (
+                    node.args[0].name in g.fresh_tuples):
+                return
         elif node.op == "call_method":
             if target in _UNARY_METHODS or target in ("softmax", "log_softmax"):
                 return self._pointwise(node, g)
@@ -353,6 +363,7 @@ class ExchangeabilityPass(PassBase):
         spatial = range(2, _rank(node) or 2)
         g.pin(node, spatial, "spatial axis of a conv")
         g.pin(x, spatial, "spatial axis of a conv")  # type: ignore[arg-type]
+        g.pin(weight, spatial, "kernel axis of a conv")  # type: ignore[arg-type]
 
     @staticmethod
     def _pool(node: fx.Node, g: _AxisGraph) -> None:
@@ -552,8 +563,6 @@ def _match_chain(relu: fx.Node) -> _Chain:
             inner = current.args[1]
             if not (isinstance(inner, fx.Node) and inner.target is F.linear and len(inner.users) == 1):
                 break
-            if inner.args[2] is not None:
-                return _Chain(None, None, [], "a bias inside `adj @ (x W + b)` is not supported")
             return _Chain(inner, current.args[0], shifts)  # type: ignore[arg-type]
         break
     return _Chain(None, None, [])
