@@ -5,17 +5,23 @@ Usage::
     exfx explain [SPEC] [--rule ztest --alpha 0.05 --samples 16,32] [--plan plan.json] [--json]
     exfx flops   [SPEC] [config options]        # dense vs executed FLOPs on the example inputs
     exfx plan    [SPEC] -o plan.json            # write a plan giving every site the config's settings
+    exfx graph   [SPEC] [--plan plan.json]      # the rewritten graph as stable text
+    exfx diff    [SPEC]                         # unified diff original -> rewritten, one line per site
+    exfx check   SPEC GOLDEN [--update] [--structural]   # exit 0 if the graph matches, 1 with a diff if not
+
+``--format markdown`` (graph, diff, check) prints a block suited to a pull-request comment.
 
 ``SPEC`` is ``module:factory``, a zero-argument callable returning
 ``(model, example_inputs)``; the default is the built-in ``exfx.examples:small_cnn``.
-Exit status: 0 on success, 2 on bad usage or an exfx error (the message says why).
+Exit status: 0 on success, 1 when ``check`` finds a mismatch, 2 on bad usage or an
+exfx error (the message says why).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,34 +30,17 @@ from typing import Any
 import torch
 
 import exfx
-from exfx.capture import normalise_inputs
+from exfx import graphdiff
+from exfx.capture import capture
 from exfx.errors import ExfxError
+from exfx.spec import DEFAULT_SPEC, load_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "load_spec"]
+__all__ = ["main", "UPDATE_ENV"]
 
-DEFAULT_SPEC = "exfx.examples:small_cnn"
-
-
-def load_spec(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
-    """Import ``module:factory`` and call it; returns ``(model, example_inputs)``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ExfxError(f"SPEC must look like 'package.module:factory', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ExfxError(f"cannot import {module_name!r} from SPEC {spec!r}: {err}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ExfxError(f"{module_name!r} has no callable {attr!r} (SPEC {spec!r})")
-    result = factory()
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise ExfxError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
-    model, inputs = result
-    return model, normalise_inputs(inputs)
-
+#: Set to 1 to make `exfx check` and `exfx.testing.assert_graph_matches` rewrite golden files.
+UPDATE_ENV = "EXFX_UPDATE_GOLDEN"
 
 def _samples(text: str) -> tuple[int, ...]:
     try:
@@ -81,11 +70,22 @@ def _parser() -> argparse.ArgumentParser:
         "explain": "print every ReLU's verdict: site or not, group, fan-in, reason",
         "flops": "compile and count dense vs executed FLOPs on the example inputs",
         "plan": "write a plan (JSON) giving every eligible site the configured settings",
+        "graph": "print the rewritten graph as stable text (for golden files)",
+        "diff": "show a unified diff between the original and the rewritten graph",
+        "check": "compare the rewritten graph with a golden file: exit 0 if equal, 1 with a diff if not",
     }
     for name, help_text in commands.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
-                         help=f"module:factory returning (model, example_inputs); default {DEFAULT_SPEC}")
+        if name == "check":
+            cmd.add_argument("spec", help="module:factory returning (model, example_inputs)")
+            cmd.add_argument("golden", help="the golden graph text file")
+            cmd.add_argument("--update", action="store_true",
+                             help=f"rewrite the golden file (also when {UPDATE_ENV}=1)")
+            cmd.add_argument("--structural", action="store_true",
+                             help="ignore node names; compare the op graphs (networkx isomorphism)")
+        else:
+            cmd.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
+                             help=f"module:factory returning (model, example_inputs); default {DEFAULT_SPEC}")
         cmd.add_argument("--rule", choices=exfx.ops.RULES)
         cmd.add_argument("--threshold", type=float, help="threshold rule: prune when the mean term < T")
         cmd.add_argument("--alpha", type=float, help="z-test level in [0, 0.5]")
@@ -93,9 +93,50 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--plan", help="a plan JSON file with per-site parameters")
         if name == "plan":
             cmd.add_argument("-o", "--output", required=True, help="where to write the plan")
-        else:
+        elif name in ("explain", "flops"):
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            cmd.add_argument("--format", choices=("text", "markdown"), default="text")
     return parser
+
+
+def _fenced(body: str, lang: str = "") -> str:
+    return f"```{lang}\n{body.rstrip()}\n```"
+
+
+def _graph_commands(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, compiled: Any) -> int:
+    text = graphdiff.graph_text(compiled)
+    markdown = args.format == "markdown"
+    if args.command == "graph":
+        print(_fenced(text, "text") if markdown else text, end="" if not markdown else "\n")
+        return 0
+    if args.command == "diff":
+        original = graphdiff.graph_text(capture(model))
+        diff = graphdiff.unified_diff(original, text)
+        summary = graphdiff.site_summary(compiled.meta.get("exfx_report"))
+        if markdown:
+            print(f"### exfx: {args.spec}\n")
+            print("\n".join(f"- `{line}`" for line in summary) + "\n")
+            print(_fenced(diff, "diff"))
+        else:
+            print("\n".join(summary))
+            print(diff, end="")
+        return 0
+    update = args.update or os.environ.get(UPDATE_ENV) == "1"
+    result = graphdiff.check(text, args.golden, update=update, structural=args.structural)
+    if result.updated:
+        print(f"updated {args.golden}")
+        return 0
+    if result.ok:
+        print(f"{args.golden}: graph matches" + (" (structural)" if args.structural else ""))
+        return 0
+    if markdown:
+        print(f"### exfx check failed: `{args.spec}` differs from `{args.golden}`\n")
+        print(_fenced(result.diff, "diff"))
+    else:
+        print(f"{args.golden}: graph differs (run with --update to accept)")
+        print(result.diff, end="")
+    return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -109,11 +150,13 @@ def _run(args: argparse.Namespace) -> int:
         compiled = exfx.compile(model, inputs, config, plan)
         flops = exfx.count_flops(compiled, *inputs)
         print(json.dumps(flops.to_dict(), indent=2) if args.json else flops)
-    else:
+    elif args.command == "plan":
         report = exfx.explain(model, inputs, config, plan=plan)
         new_plan = plan or exfx.Plan.from_report(report, config)
         new_plan.save(args.output)
         print(f"wrote a plan for {len(new_plan.sites)} sites to {args.output}")
+    else:
+        return _graph_commands(args, model, inputs, exfx.compile(model, inputs, config, plan))
     return 0
 
 

@@ -1,0 +1,217 @@
+"""Stable graph text, diffs and golden checks, for CI.
+
+:func:`graph_text` renders a GraphModule as text that is identical across runs and
+processes: node names come from tracing (deterministic), targets are printed by
+qualified name, parameters by name and shape, and there are no memory addresses,
+file paths or stack traces. An exfx-compiled module's text opens with one line per
+site (name, signature, group, rule and parameters), and its exfx nodes carry their
+site and role.
+
+:func:`check` compares a module with a golden file, either textually or
+structurally (``structural=True``: node names are ignored and the op graphs are
+compared with a ``networkx`` isomorphism over op/target labels).
+
+Example::
+
+    >>> text = graph_text(exfx.compile(model, (x,)))
+    >>> result = check(text, "tests/golden/small_cnn.txt")
+    >>> result.ok, result.diff
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from networkx.algorithms.isomorphism import categorical_multiedge_match, categorical_node_match
+
+from exfx.report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["graph_text", "site_summary", "unified_diff", "structural_graph", "check", "CheckResult",
+           "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_NODE_LINE = re.compile(r"^(?P<name>\S+) = (?P<op>\w+) (?P<target>[^(\s]+)\((?P<args>.*)\)(?:\s+# (?P<note>.*))?$")
+_RETURN_LINE = re.compile(r"^return (?P<args>.*)$")
+_REF = re.compile(r"%([A-Za-z_][\w]*)")
+
+
+def _format_arg(value: Any) -> str:
+    if isinstance(value, fx.Node):
+        return f"%{value.name}"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("-inf" if value < 0 else ("inf" if value > 0 else "nan"))
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_format_arg(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_format_arg(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, torch.Tensor):
+        return f"tensor({_tensor_type(value)})"
+    return _ADDRESS.sub("", repr(value))
+
+
+def _tensor_type(value: torch.Tensor) -> str:
+    return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
+
+
+def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target}<{type(gm.get_submodule(str(node.target))).__name__}>"
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.op in ("get_attr", "placeholder"):
+        return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
+    try:
+        return fx.node._get_qualified_name(node.target)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - any unnamed callable
+        return getattr(node.target, "__name__", type(node.target).__name__)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "output":
+        return f"return {_format_arg(node.args[0])}"
+    args = [_format_arg(a) for a in node.args] + [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
+    notes = []
+    if node.op == "get_attr":
+        value = _attr(gm, str(node.target))
+        if isinstance(value, torch.Tensor):
+            notes.append(_tensor_type(value))
+    exfx_meta = node.meta.get("exfx", {})
+    if "role" in exfx_meta:
+        notes.append(f"site={exfx_meta['site']} role={exfx_meta['role']}")
+    note = f"  # {'; '.join(notes)}" if notes else ""
+    return f"{node.name} = {node.op} {_target_name(gm, node)}({', '.join(args)}){note}"
+
+
+def site_summary(report: Report | None) -> list[str]:
+    """One line per ReLU: the site, its shape signature, group, and parameters or reason."""
+    if report is None:
+        return []
+    lines = []
+    for s in report.sites:
+        if s.eligible and s.params is not None:
+            p = s.params
+            rule = f"threshold T={_format_arg(float(p.threshold))}" if p.rule == "threshold" else f"ztest alpha={p.alpha!r}"
+            samples = ",".join(map(str, p.samples))
+            lines.append(f"site {s.name}: {s.signature}; group {s.group}; {rule}; samples {samples}")
+        else:
+            detail = f"{s.signature}; " if s.signature else ""
+            lines.append(f"site {s.name}: {detail}not rewritten: {s.reason}")
+    return lines
+
+
+def graph_text(gm: fx.GraphModule, report: Report | None = None) -> str:
+    """Deterministic text of ``gm`` (with the site summary of ``report`` or of ``gm.meta``)."""
+    report = report if report is not None else gm.meta.get("exfx_report")
+    lines = [f"# exfx graph, format {FORMAT_VERSION}"]
+    lines += [f"# {line}" for line in site_summary(report)]
+    lines += [_node_line(gm, node) for node in gm.graph.nodes]
+    return "\n".join(lines) + "\n"
+
+
+def unified_diff(before: str, after: str, before_name: str = "original", after_name: str = "exfx") -> str:
+    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), before_name, after_name))
+
+
+def structural_graph(text: str) -> nx.MultiDiGraph:
+    """Parse graph text into a MultiDiGraph labelled by op and target (node names dropped).
+
+    ``get_attr`` nodes are labelled by the tensor type instead of the attribute
+    name, so renaming a module does not change the structure but resizing it does.
+    """
+    graph = nx.MultiDiGraph()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _NODE_LINE.match(line)
+        if match:
+            name, op, target, note = match["name"], match["op"], match["target"], match["note"] or ""
+            label = f"{op} {note.split(';')[0]}" if op == "get_attr" else f"{op} {target}"
+            if op == "placeholder":
+                label = "placeholder"
+            args = _REF.sub("%", match["args"])
+            graph.add_node(name, label=f"{label}({args})")
+            refs = _REF.findall(match["args"])
+        elif (ret := _RETURN_LINE.match(line)) is not None:
+            name = "<output>"
+            graph.add_node(name, label="output")
+            refs = _REF.findall(ret["args"])
+        else:
+            continue
+        for position, ref in enumerate(refs):
+            graph.add_edge(ref, name, position=position)
+    return graph
+
+
+@dataclass
+class CheckResult:
+    """The outcome of :func:`check`: ``ok`` and, when not, a diff naming what changed."""
+
+    ok: bool
+    diff: str
+    updated: bool = False
+
+
+def _changed_sites(golden: str, current: str) -> list[str]:
+    def sites(text: str) -> dict[str, str]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("# site "):
+                name, _, rest = line[len("# site "):].partition(": ")
+                out[name] = rest
+        return out
+
+    old, new = sites(golden), sites(current)
+    changed = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changed.append(f"site {name}: {old.get(name, '(absent)')} -> {new.get(name, '(absent)')}")
+    return changed
+
+
+def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = False,
+          structural: bool = False) -> CheckResult:
+    """Compare ``current`` graph text with the golden file; rewrite the file when ``update``."""
+    path = os.fspath(golden_path)
+    if update:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(current)
+        return CheckResult(ok=True, diff="", updated=True)
+    if not os.path.exists(path):
+        return CheckResult(ok=False, diff=f"golden file {path} does not exist; run with --update to create it\n")
+    with open(path, encoding="utf-8") as handle:
+        golden = handle.read()
+    if structural:
+        matcher = nx.is_isomorphic(structural_graph(golden), structural_graph(current),
+                                   node_match=categorical_node_match("label", None),
+                                   edge_match=categorical_multiedge_match("position", None))
+        ok = bool(matcher)
+    else:
+        ok = golden == current
+    if ok:
+        return CheckResult(ok=True, diff="")
+    changed = _changed_sites(golden, current)
+    header = "".join(f"{line}\n" for line in changed)
+    return CheckResult(ok=False, diff=header + unified_diff(golden, current, f"golden {path}", "current"))

@@ -1,0 +1,75 @@
+"""The exfx command (exfx.cli)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import exfx
+from exfx.cli import main
+
+from specs import mlp
+
+
+def test_explain_default_example_prints_site_table(capsys):
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    assert "SmallCNN: 3 of 4 ReLUs are ENP sites" in out
+    assert "contraction axis is a model input" in out
+    assert "features.3" in out and "classifier.1" in out
+
+
+def test_explain_json_matches_api(capsys):
+    assert main(["explain", "specs:mlp", "--rule", "ztest", "--alpha", "0.1", "--samples", "8,16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    model, inputs = mlp()
+    expected = exfx.explain(model, inputs, exfx.Config(rule="ztest", alpha=0.1, samples=(8, 16))).to_dict()
+    assert data == json.loads(json.dumps(expected))
+
+
+def test_flops_reports_saving(capsys):
+    assert main(["flops", "specs:mlp", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["executed"] < data["dense"]
+    assert "2 FLOPs per multiply-add" in data["convention"]
+
+
+def test_plan_round_trip_through_cli(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert main(["plan", "specs:mlp", "--samples", "16", "-o", str(path)]) == 0
+    plan = exfx.Plan.load(path)
+    assert set(plan.sites) == {"2"} and plan.sites["2"].samples == (16,)
+    assert main(["explain", "specs:mlp", "--plan", str(path), "--json"]) == 0
+    assert "wrote a plan for 1 sites" in capsys.readouterr().out
+
+
+def test_check_exit_codes(tmp_path, capsys):
+    golden = tmp_path / "g.txt"
+    assert main(["check", "specs:mlp", str(golden), "--update"]) == 0
+    assert main(["check", "specs:mlp", str(golden)]) == 0
+    assert main(["check", "specs:mlp_widened", str(golden)]) == 1
+    out = capsys.readouterr().out
+    assert "site 2: linear 64->64" in out and "linear 64->96" in out
+    assert main(["check", "specs:mlp_widened", str(golden), "--format", "markdown"]) == 1
+    assert "```diff" in capsys.readouterr().out
+
+
+def test_diff_and_graph_commands(capsys):
+    assert main(["diff", "specs:mlp"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("site 0:") and "+++ exfx" in out and "_2_partial_sum_1 = call_function exfx.partial_sum" in out
+    assert main(["graph", "specs:mlp", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.startswith("```text\n# exfx graph")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "nosuchmodule:factory"], "cannot import"),
+    (["explain", "specs"], "SPEC must look like"),
+    (["explain", "specs:missing"], "no callable"),
+    (["explain", "specs:not_a_pair"], "must return (model, example_inputs)"),
+    (["explain", "specs:mlp", "--alpha", "0.9", "--rule", "ztest"], "alpha"),
+])
+def test_bad_input_exits_2_with_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Graph text, diffs and golden checks (exfx.graphdiff, exfx.testing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import exfx
+from exfx import graphdiff
+from exfx.testing import assert_graph_matches
+
+from specs import mlp, mlp_widened
+
+TESTS = Path(__file__).parent
+GOLDEN = TESTS / "golden"
+
+
+def _text(factory, config=None) -> str:
+    model, inputs = factory()
+    return graphdiff.graph_text(exfx.compile(model, inputs, config))
+
+
+def test_text_is_deterministic_within_a_process():
+    assert _text(mlp) == _text(mlp)
+
+
+def test_text_is_deterministic_across_processes():
+    code = "import exfx, specs; from exfx.graphdiff import graph_text; m, i = specs.mlp(); " \
+           "print(graph_text(exfx.compile(m, i)), end='')"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    outputs = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout for _ in range(2)}
+    assert outputs == {_text(mlp)}
+
+
+def test_text_has_sites_ops_and_params_but_no_addresses_or_paths():
+    text = _text(mlp, exfx.Config(rule="ztest", alpha=0.1, samples=(8, 16)))
+    assert "# site 2: linear 64->64; group g0; ztest alpha=0.1; samples 8,16" in text
+    assert "exfx.partial_sum.default" in text and "exfx.early_exit.default" in text
+    assert "'ztest', 0.1" in text
+    assert "site 0: linear 16->64; not rewritten: contraction axis is a model input" in text
+    assert not re.search(r"0x[0-9a-f]{6,}", text)
+    assert "/" not in text.replace("->", "")
+    assert "Traceback" not in text
+
+
+def test_infinite_threshold_renders_stably():
+    text = _text(mlp, exfx.Config(threshold=float("-inf")))
+    assert "'threshold', -inf" in text and "threshold T=-inf" in text
+
+
+def test_check_matches_and_reports_a_widened_site(tmp_path):
+    golden = tmp_path / "mlp.txt"
+    assert graphdiff.check(_text(mlp), golden, update=True).updated
+    assert graphdiff.check(_text(mlp), golden).ok
+    result = graphdiff.check(_text(mlp_widened), golden)
+    assert not result.ok
+    assert "site 2: linear 64->64" in result.diff and "linear 64->96" in result.diff
+    assert result.diff.splitlines()[0].startswith("site 2:")
+
+
+def test_missing_golden_file_fails_with_advice(tmp_path):
+    result = graphdiff.check(_text(mlp), tmp_path / "none.txt")
+    assert not result.ok and "--update" in result.diff
+
+
+def test_structural_check_ignores_node_names_but_not_structure(tmp_path):
+    text = _text(mlp)
+    renamed = re.sub(r"\brelu_1\b", "activation_b", text)
+    assert renamed != text
+    golden = tmp_path / "g.txt"
+    golden.write_text(renamed)
+    assert not graphdiff.check(text, golden).ok
+    assert graphdiff.check(text, golden, structural=True).ok
+    assert not graphdiff.check(_text(mlp_widened), golden, structural=True).ok
+    assert not graphdiff.check(_text(mlp, exfx.Config(samples=(8, 16))), golden, structural=True).ok
+
+
+def test_assert_graph_matches_and_update_env(tmp_path, monkeypatch):
+    golden = tmp_path / "g.txt"
+    monkeypatch.setenv("EXFX_UPDATE_GOLDEN", "1")
+    assert_graph_matches("specs:mlp", golden)
+    monkeypatch.delenv("EXFX_UPDATE_GOLDEN")
+    assert_graph_matches("specs:mlp", golden)
+    model, inputs = mlp()
+    assert_graph_matches(exfx.compile(model, inputs), golden)
+    with pytest.raises(AssertionError, match="linear 64->96"):
+        assert_graph_matches("specs:mlp_widened", golden)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "mlp", "resnet_block_net"])
+def test_project_golden_files(name):
+    """The project's own CI guard: the example models' rewritten graphs are pinned."""
+    assert_graph_matches(f"exfx.examples:{name}", GOLDEN / f"{name}.txt")
+
+
+def test_compiled_graph_text_round_trips_through_structural_parser():
+    text = _text(mlp)
+    graph = graphdiff.structural_graph(text)
+    model, inputs = mlp()
+    gm = exfx.compile(model, inputs)
+    assert graph.number_of_nodes() == len(gm.graph.nodes)
+    assert torch.allclose(gm(*inputs), gm(*inputs))
