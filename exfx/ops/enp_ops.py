@@ -249,12 +249,14 @@ def early_exit(
     so NaN propagates exactly as in the original model. Returns the boolean mask of
     neurons that stay active.
     """
-    stats = state.float()
+    # At least float32 (half-precision statistics would lose the test), never narrower than the model.
+    dtype = torch.promote_types(state.dtype, torch.float32)
+    stats = state.to(dtype)
     total = stats[0]
     mean = total / count
     shift = _shift(state, weight, bias, residual)
     if shift is not None:
-        mean = mean + shift.float() / fan_in
+        mean = mean + shift.to(dtype) / fan_in
     if rule == "threshold":
         prune = mean < param
         finite = torch.isfinite(mean)

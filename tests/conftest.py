@@ -1,0 +1,32 @@
+"""Shared pytest setup: ``tests/`` on ``sys.path`` (for ``models`` and ``helpers``), seeds, the ``slow`` marker."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also registered in setup.cfg; registering twice is harmless and keeps `-m slow` working without it.
+    config.addinivalue_line("markers", "slow: long-running tests, excluded by default (run with -m slow)")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state, so failures reproduce."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A private, seeded generator for tests that want their own stream."""
+    return torch.Generator().manual_seed(1234)
