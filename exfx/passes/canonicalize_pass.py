@@ -14,27 +14,42 @@ What it rewrites:
 - **Eval-mode identities.** ``nn.Dropout``/``F.dropout(training=False)`` and
   ``nn.Identity`` are removed.
 
+- **Other in-place ops.** ``h.add_(b)``, ``h += b``, ``torch.sigmoid_(h)``,
+  ``F.elu_(h)``, ``F.leaky_relu(h, inplace=True)``, ``nn.LeakyReLU(inplace=True)``
+  and the like become their out-of-place twins (``h.add(b)``, ``h + b``, ...; a
+  module with ``inplace=True`` is swapped for an out-of-place copy registered on
+  the GraphModule, so the user's module is untouched). Without this, a mutation
+  whose result is not used would be dropped as dead code.
+
 Every canonical producer gets ``node.meta["exfx_name"]``: the dotted name of the
 module or parameter it came from (``layer1.0.conv1``, ``w1``). Site names come
 from there, so they are stable whatever later passes do to the weights.
 
 Why it is safe: every rewrite replaces a call by the identical computation. An
-in-place ReLU becomes out-of-place; users of its input that come later in graph
+in-place op becomes out-of-place; users of its input that come later in graph
 order are redirected to its result, which is what they saw under in-place
-semantics. Convs with a non-zero padding mode or asymmetric ``"same"`` padding
-are left as they are (later passes then treat them as opaque).
+semantics. That reasoning fails when the mutated tensor shares memory with
+another tensor that is read later (``h[:, :3].mul_(0)`` then ``h``); such a
+graph is refused with :class:`~exfx.errors.UnsupportedModelError`, as is an
+in-place op with no out-of-place twin (``h.zero_()``). Convs with a non-zero
+padding mode or asymmetric ``"same"`` padding are left as they are (they are
+not canonical producers, so later passes treat them as opaque).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
+import re
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from exfx.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +65,28 @@ _INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
 _IDENTITY_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Identity)
+_CONV_KWARGS = {"stride", "padding", "dilation", "groups"}
+
+# In-place ops and their out-of-place twins.
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.imod: operator.mod,
+    operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_,
+    operator.ixor: operator.xor, operator.ilshift: operator.lshift, operator.irshift: operator.rshift,
+}
+_NO_TWIN_METHODS = {"bernoulli_", "resize_"}  # an out-of-place method exists but means something else
+_VALUE_PRESERVING_METHODS = {"requires_grad_", "share_memory_"}
+# Ops whose result may share memory with their first argument.
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "t", "permute",
+                 "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "chunk", "split", "unbind",
+                 "detach", "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold",
+                 "contiguous", "to", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "real",
+                 "imag", "view_as_real", "tensor_split", "split_with_sizes", "hsplit", "vsplit"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.t,
+                   torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.chunk, torch.split,
+                   torch.unbind, torch.detach, torch.movedim, torch.moveaxis, torch.swapaxes, torch.diagonal,
+                   torch.as_strided, torch.tensor_split, torch.unflatten}
+_VIEW_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity)
 
 
 def is_relu(node: fx.Node) -> bool:
@@ -58,8 +95,19 @@ def is_relu(node: fx.Node) -> bool:
 
 
 def is_producer(node: fx.Node) -> bool:
-    """True for a canonical linear or conv node."""
-    return node.op == "call_function" and (node.target is F.linear or node.target in _CONV_FUNCTIONS)
+    """True for a canonical linear or conv node.
+
+    A conv is canonical only in the form this pass writes: three positional
+    arguments and explicit ``stride``/``padding``/``dilation``/``groups``; a conv
+    it could not rewrite (asymmetric ``"same"`` padding, dynamic arguments) is not
+    a producer.
+    """
+    if node.op != "call_function":
+        return False
+    if node.target is F.linear:
+        return True
+    return (node.target in _CONV_FUNCTIONS and len(node.args) == 3 and set(node.kwargs) == _CONV_KWARGS
+            and isinstance(node.kwargs["padding"], (list, tuple)))
 
 
 def _as_list(value: Any, dims: int) -> list[int]:
@@ -82,6 +130,7 @@ class CanonicalizePass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = False
+        self._inplace_modules: dict[str, str] = {}
         for node in list(graph_module.graph.nodes):
             modified |= self._rewrite(graph_module, node)
         if modified:
@@ -103,6 +152,19 @@ class CanonicalizePass(PassBase):
                 return self._linear_module(gm, node)
             if type(module) in _CONV_MODULES:
                 return self._conv_module(gm, node, module)
+            if getattr(module, "inplace", False) is True:
+                # Call an out-of-place copy, registered on the GraphModule itself: the module object may be
+                # shared with the user's model, which must not change.
+                target = self._inplace_modules.get(str(node.target))
+                if target is None:
+                    target = _fresh_attr(gm, _slug(str(node.target)) + "_out_of_place")
+                    twin = copy.copy(module)
+                    twin.inplace = False
+                    gm.add_submodule(target, twin)
+                    self._inplace_modules[str(node.target)] = target
+                node.target = target
+                self._functionalised(gm, node, node.args[0])
+                return True
             return False
         if node.op == "call_function":
             if node.target is torch.relu and len(node.args) == 1 and not node.kwargs:
@@ -112,6 +174,8 @@ class CanonicalizePass(PassBase):
                 inplace = node.target in _INPLACE_RELU_FUNCTIONS or bool(
                     node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
                 return self._relu(gm, node, node.args[0] if node.args else node.kwargs["input"], inplace)
+            if self._inplace_function(gm, node):
+                return True
             if node.target in _DROPOUT_FUNCTIONS:
                 return self._dropout(gm, node)
             if node.target is F.linear:
@@ -124,9 +188,59 @@ class CanonicalizePass(PassBase):
         if node.op == "call_method":
             if node.target in ("relu", "relu_"):
                 return self._relu(gm, node, node.args[0], node.target == "relu_")
+            if self._inplace_method(gm, node):
+                return True
             if node.target == "matmul":
                 return self._matmul(gm, node)
         return False
+
+    # -- Other in-place ops ---------------------------------------------------
+
+    def _inplace_method(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        name = str(node.target)
+        if not (name.endswith("_") and not name.startswith("_") and node.args):
+            return False
+        if name in _VALUE_PRESERVING_METHODS:
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            gm.graph.erase_node(node)
+            return True
+        twin = getattr(torch.Tensor, name[:-1], None)
+        if name in _NO_TWIN_METHODS or not callable(twin):
+            raise UnsupportedModelError(
+                f"in-place method `.{name}()` (node `{node.name}`) has no out-of-place form exfx knows; "
+                f"write it out of place in the model's forward")
+        node.target = name[:-1]
+        self._functionalised(gm, node, node.args[0])
+        return True
+
+    def _inplace_function(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        target = node.target
+        if not node.args:
+            return False
+        if target in _INPLACE_OPERATORS:
+            # Also for Python numbers: the GraphModule's code is `n += 1`, which rebinds `n` for later users.
+            node.target = _INPLACE_OPERATORS[target]  # type: ignore[index]
+        elif node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        else:
+            name = getattr(target, "__name__", "")
+            if not (name.endswith("_") and not name.startswith("_")):
+                return False
+            module = torch if getattr(torch, name, None) is target else F if getattr(F, name, None) is target else None
+            twin = getattr(module, name[:-1], None) if module is not None else None
+            if twin is None:
+                return False
+            node.target = twin
+        self._functionalised(gm, node, node.args[0])
+        return True
+
+    @staticmethod
+    def _functionalised(gm: fx.GraphModule, node: fx.Node, source: Any) -> None:
+        """``node`` now computes out of place what used to be written into ``source``."""
+        if isinstance(source, fx.Node):
+            _check_no_live_alias(node, source)
+            CanonicalizePass._redirect_later_users(source, node)
+        logger.debug("made %s out of place", node.name)
 
     # -- ReLU ---------------------------------------------------------------
 
@@ -135,6 +249,8 @@ class CanonicalizePass(PassBase):
             relu = gm.graph.call_function(torch.relu, (source,))
         relu.meta.update(node.meta)
         relu.meta["exfx_relu_source"] = source_name or node.name
+        if inplace and isinstance(source, fx.Node):
+            _check_no_live_alias(node, source)
         node.replace_all_uses_with(relu)
         gm.graph.erase_node(node)
         if inplace and isinstance(source, fx.Node):
@@ -254,6 +370,63 @@ class CanonicalizePass(PassBase):
         new.meta["exfx_name"] = name
         old.replace_all_uses_with(new)
         old.graph.erase_node(old)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_") or "module"
+
+
+def _fresh_attr(gm: fx.GraphModule, name: str) -> str:
+    candidate, index = name, 0
+    while hasattr(gm, candidate):
+        index += 1
+        candidate = f"{name}{index}"
+    return candidate
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return isinstance(node.graph.owning_module.get_submodule(str(node.target)), _VIEW_MODULES)
+    return False
+
+
+def _check_no_live_alias(inplace: fx.Node, mutated: fx.Node) -> None:
+    """Refuse to make ``inplace`` out of place when memory it writes is read later through another tensor.
+
+    The aliases are the views, created before ``inplace``, of the base tensor ``mutated`` is a view of.
+    """
+    order = {n: i for i, n in enumerate(inplace.graph.nodes)}
+    here = order[inplace]
+    base = mutated
+    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    aliases, frontier = {base}, [base]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in aliases and order[user] < here and _is_view(user) and user.args[0] in aliases:
+                aliases.add(user)
+                frontier.append(user)
+    for alias in sorted(aliases, key=order.__getitem__):
+        if alias is mutated:
+            continue
+        later = [u for u in alias.users if order[u] > here]
+        if later:
+            raise UnsupportedModelError(
+                f"in-place `{inplace.name}` ({_describe(inplace)}) writes into `{mutated.name}`, which shares "
+                f"memory with `{alias.name}`, read later by `{later[0].name}`; exfx cannot make that mutation "
+                f"out of place. Write it out of place in the model's forward.")
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_module":
+        return f"module `{node.target}`"
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _param_name(node: Any) -> str | None:
