@@ -10,6 +10,7 @@ Example::
 
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import compile, explain
+from exfx.backend import backend  # the function; the module stays importable as exfx.backend
 from exfx.config import Config, Plan, SiteParams
 from exfx.errors import (
     CaptureError,
@@ -36,6 +37,7 @@ __all__ = [
     "SiteFlops",
     "SiteInfo",
     "SiteParams",
+    "backend",
     "TrainingModeError",
     "UnsupportedModelError",
     "compile",

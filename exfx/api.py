@@ -43,8 +43,8 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
             f"Check that example_inputs are what forward() expects.") from err
 
 
-def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config,
-             leaf_modules: Sequence[str], concrete_args: Mapping[str, Any] | None) -> tuple[fx.GraphModule, Report]:
+def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_modules: Sequence[str],
+             concrete_args: Mapping[str, Any] | None, hidden_inputs: Sequence[str]) -> tuple[fx.GraphModule, Report]:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     inputs = normalise_inputs(example_inputs)
@@ -54,10 +54,19 @@ def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config,
     _propagate_shapes(gm, inputs)
     FoldBatchNormPass()(gm)
     _propagate_shapes(gm, inputs)
-    analysis = ExchangeabilityPass(samples=config.samples[-1])  # type: ignore[index]
+    _check_hidden_inputs(gm, hidden_inputs)
+    analysis = ExchangeabilityPass(samples=config.samples[-1], hidden_inputs=hidden_inputs)  # type: ignore[index]
     analysis(gm)
     report = Report(sites=analysis.sites, groups=analysis.groups, model=type(model).__name__)
     return gm, report
+
+
+def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> None:
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    unknown = [name for name in hidden_inputs if name not in names]
+    if unknown:
+        raise UnsupportedModelError(f"hidden_inputs names {unknown}, which are not inputs of forward(); "
+                                    f"its inputs are {names}")
 
 
 def _assign_params(report: Report, config: Config, plan: Plan | None) -> None:
@@ -85,7 +94,7 @@ def _eligibility(site: SiteInfo, params: Any) -> tuple[bool, str]:
 
 def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, *,
             plan: Plan | None = None, leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None) -> Report:
+            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = ()) -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
 
     Args:
@@ -95,16 +104,19 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         plan: per-site parameters overriding ``config``.
         leaf_modules: qualified names of submodules to keep opaque when tracing.
         concrete_args: passed to ``torch.fx`` tracing to fix Python arguments.
+        hidden_inputs: names of ``forward()`` arguments that carry hidden
+            activations (for example a backbone's features, when compiling only
+            a head); their axes may then be exchangeable. Other inputs are pinned.
     """
     config = config or Config()
-    _, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args)
+    _, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs)
     _assign_params(report, config, plan)
     return report
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | None = None, *, leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None) -> fx.GraphModule:
+            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = ()) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
     The user's model is not modified. The result runs at any batch size; its
@@ -117,7 +129,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
     config = config or Config()
-    gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args)
+    gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs)
     _assign_params(report, config, plan)
     EnpPass(report.sites)(gm)
     gm.meta["exfx_report"] = report

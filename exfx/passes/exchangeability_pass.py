@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,14 +187,18 @@ class ExchangeabilityPass(PassBase):
     Args:
         samples: the last checkpoint of the default schedule, used for the
             ``fan-in < samples`` verdict. Per-site schedules are checked later.
+        hidden_inputs: names of graph inputs that carry hidden activations
+            (a backbone's features, or a value live across a graph break); their
+            axes are not pinned as model inputs.
 
     After ``call``, ``self.sites`` holds one :class:`SiteInfo` per ReLU in graph
     order and ``self.groups`` maps each exchangeable group to its axes.
     """
 
-    def __init__(self, samples: int = 32) -> None:
+    def __init__(self, samples: int = 32, hidden_inputs: Collection[str] = ()) -> None:
         super().__init__()
         self.samples = samples
+        self.hidden_inputs = frozenset(hidden_inputs)
         self.sites: list[SiteInfo] = []
         self.groups: dict[str, list[str]] = {}
 
@@ -212,7 +216,8 @@ class ExchangeabilityPass(PassBase):
 
     def _rule(self, gm: fx.GraphModule, node: fx.Node, g: _AxisGraph) -> None:  # noqa: C901 - a dispatch table
         if node.op == "placeholder":
-            g.pin(node, None, f"model input (`{node.name}`)")
+            if str(node.target) not in self.hidden_inputs:
+                g.pin(node, None, f"model input (`{node.name}`)")
             return
         if node.op == "output":
             for arg in node.all_input_nodes:

@@ -1,0 +1,239 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="exfx")``.
+
+Registered under the ``torch_dynamo_backends`` entry point, so it works without
+importing exfx first. Options arrive as
+``torch.compile(model, backend="exfx", options={"plan": plan_or_path, "config": {...}, "inner": "eager"})``
+or through ``torch.compile(model, backend=exfx.backend(plan=..., config=...))``.
+
+What it does with each graph Dynamo hands it:
+
+1. **Recover parameters.** Dynamo lifts parameters and buffers to graph inputs
+   (``L_self_modules_fc1_parameters_weight_``). Their Dynamo *source* gives the
+   dotted path (``fc1.weight``); they become ``get_attr`` nodes of a module tree
+   with those paths, so sites get the same names as under :func:`exfx.compile`
+   and one plan serves both.
+2. **Compile** that GraphModule with :func:`exfx.compile` (canonicalize, fold BN,
+   analyse, rewrite) on the real example inputs.
+3. **Lower** the result with the inner backend: Inductor by default
+   (``inner="inductor"``), or ``"eager"`` to run the GraphModule as is.
+
+Several graphs (graph breaks) and recompiles (new shapes, symbolic batch sizes)
+each go through the same steps; a plan's sites are matched per graph, so a
+plan may name sites that live in another graph. A graph that resumes after a
+break takes the model's live locals as inputs: those that are not arguments of
+the model's ``forward`` carry hidden activations and are not pinned as model
+inputs, so a site right after a break is found as in :func:`exfx.compile`.
+
+Inference only: weights are frozen into the graph at compile time, and a graph
+that runs BatchNorm or dropout in training mode raises
+:class:`~exfx.errors.TrainingModeError`. In grad mode the forward is the same,
+but no gradient flows through exfx graphs (they are inference graphs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from exfx.api import compile as exfx_compile
+from exfx.api import explain
+from exfx.config import Config, Plan
+from exfx.errors import ExfxError, PlanMismatchError, TrainingModeError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["exfx_backend", "backend", "recover_parameters"]
+
+_INNER = ("inductor", "eager")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def _source_path(source: Any) -> tuple[str, bool]:
+    """The dotted attribute path a Dynamo source denotes, and whether it is a parameter or buffer."""
+    parts: list[str] = []
+    is_state = False
+    while source is not None:
+        kind = type(source).__name__
+        if "ParamBuffer" in kind:
+            is_state = True
+        member = getattr(source, "member", None)
+        index = getattr(source, "index", None)
+        if member is not None:
+            if member in ("_parameters", "_buffers"):
+                is_state = True
+            if member not in _CONTAINERS:
+                parts.append(str(member))
+        elif index is not None and "GetItem" in kind:
+            parts.append(str(index))
+        source = getattr(source, "base", None)
+    return ".".join(reversed(parts)), is_state
+
+
+def _set_tensor(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
+    *modules, leaf = path.split(".")
+    owner = root
+    for name in modules:
+        if not hasattr(owner, name):
+            owner.add_module(name, torch.nn.Module())
+        owner = getattr(owner, name)
+    owner.register_buffer(leaf, value.detach(), persistent=True)
+
+
+def _model_input_names() -> set[str] | None:
+    """In a graph-break resume frame, the names of the model's own ``forward`` arguments.
+
+    None when this graph is not a resume frame (or Dynamo's frame is not visible):
+    then every graph input is treated as a model input.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        if not tx.f_code.co_name.startswith("torch_dynamo_resume_in_"):
+            return None
+        owner = tx.f_locals.get("self")
+    except Exception:  # noqa: BLE001 - private Dynamo API; fall back to the conservative answer
+        return None
+    if not isinstance(owner, torch.nn.Module):
+        return None
+    return set(inspect.signature(owner.forward).parameters)
+
+
+def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
+                       ) -> tuple[fx.GraphModule, list[int], list[str]]:
+    """Turn Dynamo's lifted parameter inputs back into ``get_attr`` nodes with their dotted paths.
+
+    Returns the new GraphModule (eval mode), the indices of the inputs it still
+    takes, and the names of those inputs that carry hidden activations: in a
+    graph-break resume frame, the locals that are not the model's own inputs.
+    """
+    model_inputs = _model_input_names()
+    hidden: list[str] = []
+    root = torch.nn.Module()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise ExfxError(f"exfx backend: graph has {len(placeholders)} inputs but got {len(example_inputs)} examples")
+    kept: list[int] = []
+    # Work on a copy: Dynamo reads the graph it handed over to decide what to pass at run time.
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    placeholders = [copies[n] for n in placeholders]
+    first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        path, is_state = _source_path(getattr(grapharg, "source", None)) if grapharg is not None else ("", False)
+        if not (is_state and path and isinstance(value, torch.Tensor)):
+            kept.append(index)
+            local = getattr(getattr(grapharg, "source", None), "local_name", None)
+            if model_inputs is not None and local and local not in model_inputs and isinstance(value, torch.Tensor):
+                hidden.append(str(node.target))
+            continue
+        _set_tensor(root, path, value)
+        with graph.inserting_before(first_real):
+            attr = graph.get_attr(path)
+        attr.meta.update({k: v for k, v in node.meta.items() if k != "grapharg"})
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    _check_inference(graph)
+    recovered = fx.GraphModule(root, graph, "ExfxDynamoGraph").eval()
+    recovered.graph.lint()
+    return recovered, kept, hidden
+
+
+def _check_inference(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is F.batch_norm:
+            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+        elif node.target in (F.dropout, torch.dropout):
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        else:
+            continue
+        if training:
+            raise TrainingModeError(f"exfx backend: node `{node.name}` ({getattr(node.target, '__name__', '?')}) "
+                                    f"runs in training mode; exfx compiles inference only. Call model.eval().")
+
+
+def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
+                     config: Config | Mapping[str, Any] | None, inner: str | None) -> tuple[Plan | None, Config, str]:
+    options = dict(options or {})
+    unknown = set(options) - {"plan", "config", "inner"}
+    if unknown:
+        raise ExfxError(f"exfx backend: unknown option(s) {sorted(unknown)}; known: config, plan, inner")
+    plan = options.get("plan", plan)
+    config = options.get("config", config)
+    inner = options.get("inner", inner) or "inductor"
+    if isinstance(plan, str) or hasattr(plan, "__fspath__"):
+        plan = Plan.load(plan)  # type: ignore[arg-type]
+    if config is None:
+        config = Config()
+    elif isinstance(config, Mapping):
+        config = Config.from_dict(config)
+    if not isinstance(config, Config):
+        raise ExfxError(f"exfx backend: option 'config' must be an exfx.Config or a dict, got {type(config).__name__}")
+    if plan is not None and not isinstance(plan, Plan):
+        raise ExfxError(f"exfx backend: option 'plan' must be an exfx.Plan or a path, got {type(plan).__name__}")
+    if inner not in _INNER:
+        raise ExfxError(f"exfx backend: option 'inner' must be one of {_INNER}, got {inner!r}")
+    return plan, config, inner
+
+
+def _plan_for_graph(plan: Plan | None, gm: fx.GraphModule, inputs: list[Any], config: Config,
+                    hidden: list[str]) -> Plan | None:
+    """The part of ``plan`` that concerns this graph (a graph break splits the model's sites)."""
+    if plan is None:
+        return None
+
+    report = explain(gm, inputs, config, hidden_inputs=hidden)
+    here = report.signatures
+    mismatched = [f"{name}: plan has {plan.signatures[name]}, model has {here[name]}"
+                  for name in here if name in plan.signatures and plan.signatures[name] != here[name]]
+    if mismatched:
+        raise PlanMismatchError("plan does not match this model; mismatched sites:\n  " + "\n  ".join(mismatched))
+    sites = {name: params for name, params in plan.sites.items() if name in here}
+    return Plan(sites=sites, meta=dict(plan.meta))
+
+
+def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapping[str, Any] | None = None,
+                 plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
+                 inner: str | None = None) -> Callable[..., Any]:
+    """The Dynamo backend function (see module docstring)."""
+    plan, config, inner = _resolve_options(options, plan, config, inner)
+    exfx_gm, kept, hidden = recover_parameters(gm, example_inputs)
+    inputs = [example_inputs[i] for i in kept]
+    compiled = exfx_compile(exfx_gm, inputs, config, _plan_for_graph(plan, exfx_gm, inputs, config, hidden),
+                            hidden_inputs=hidden)
+    report = compiled.meta.get("exfx_report")
+    logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
+                len(report.eligible) if report else 0, len(compiled.graph.nodes))
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        run = compile_fx(compiled, inputs)
+    else:
+        run = compiled.forward
+
+    def call(*args: Any) -> Any:
+        return run(*[args[i] for i in kept])
+
+    call.exfx_graph = compiled  # type: ignore[attr-defined]
+    return call
+
+
+def backend(*, plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
+            inner: str = "inductor") -> Callable[..., Any]:
+    """A configured backend: ``torch.compile(model, backend=exfx.backend(plan=plan, inner="eager"))``."""
+    _resolve_options(None, plan, config, inner)  # validate now, not at the first call
+
+    def configured(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+        return exfx_backend(gm, example_inputs, plan=plan, config=config, inner=inner, **kwargs)
+
+    return configured

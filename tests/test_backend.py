@@ -1,0 +1,174 @@
+"""The torch.compile backend (exfx.backend)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import exfx
+
+from models import MLP, FunctionalMLP, OPTBlockLM, ResNetish, VGGish
+
+TESTS = Path(__file__).parent
+
+
+class BranchNet(nn.Module):
+    """A data-dependent branch between two sites: Dynamo splits it into two graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64),
+                                                  nn.Linear(64, 4))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc4(F.relu(self.fc3(h)))
+
+
+class BranchFree(BranchNet):
+    """BranchNet's function without the Python branch (traceable by torch.fx)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        h = h * torch.where(h.sum() > 0, 2.0, 1.0)
+        return self.fc4(F.relu(self.fc3(h)))
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+CASES = {
+    "mlp": lambda: (MLP().eval(), torch.randn(6, 20)),
+    "functional": lambda: (FunctionalMLP().eval(), torch.randn(6, 16)),
+    "vgg": lambda: (VGGish(width=16).eval(), torch.randn(3, 3, 16, 16)),
+    "resnet": lambda: (ResNetish(width=32).eval(), torch.randn(3, 3, 16, 16)),
+    "opt": lambda: (OPTBlockLM().eval(), torch.randint(0, 50, (2, 9))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backend_matches_exfx_compile(name):
+    torch.manual_seed(0)
+    model, x = CASES[name]()
+    config = exfx.Config(threshold=0.0, samples=16)
+    expected = exfx.compile(model, (x,), config)(x)
+    compiled = torch.compile(model, backend="exfx", options={"config": config.to_dict(), "inner": "eager"})
+    with torch.no_grad():
+        actual = compiled(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_site_names_match_and_one_plan_serves_both(tmp_path):
+    torch.manual_seed(0)
+    model, x = VGGish(width=16).eval(), torch.randn(3, 3, 16, 16)
+    report = exfx.explain(model, (x,), exfx.Config(samples=16))
+    plan = exfx.Plan.from_report(report, exfx.Config(samples=16)).with_site("classifier.1", enabled=False)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    expected = exfx.compile(model, (x,), plan=plan)(x)
+    graphs = []
+
+    def spy(gm, inputs):
+        fn = exfx.backend(plan=str(path), inner="eager")(gm, inputs)
+        graphs.append(fn.exfx_graph)
+        return fn
+
+    with torch.no_grad():
+        actual = torch.compile(model, backend=spy)(x)
+    torch.testing.assert_close(actual, expected)
+    sites = [s.name for g in graphs for s in g.meta["exfx_report"].sites if s.eligible]
+    assert sites == [s.name for s in exfx.compile(model, (x,), plan=plan).meta["exfx_report"].sites if s.eligible]
+    assert "features.3" in sites and "classifier.1" not in sites
+
+
+def test_graph_break_and_symbolic_batch_sizes():
+    torch.manual_seed(0)
+    model = BranchNet().eval()
+    reference = BranchFree().eval()
+    reference.load_state_dict(model.state_dict())
+    config = exfx.Config(threshold=0.0, samples=16)
+    compiled = torch.compile(model, backend=exfx.backend(config=config, inner="eager"))
+    exfx_ref = exfx.compile(reference, (torch.randn(8, 16),), config)
+    with torch.no_grad():
+        for batch in (8, 3, 5, 11):
+            x = torch.randn(batch, 16) * (1 if batch % 2 else -1)
+            torch.testing.assert_close(compiled(x), exfx_ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_never_prune_equals_the_original_model():
+    torch.manual_seed(0)
+    model, x = ResNetish(width=32).eval(), torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend=exfx.backend(config=exfx.Config(threshold=float("-inf")), inner="eager"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_is_the_default_inner_backend():
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 20)
+    expected = exfx.compile(model, (x,))(x)
+    with torch.no_grad():
+        actual = torch.compile(model, backend="exfx")(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_mode_runs_the_same_forward():
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 20)
+    expected = exfx.compile(model, (x,))(x)
+    actual = torch.compile(model, backend=exfx.backend(inner="eager"))(x)
+    torch.testing.assert_close(actual, expected)
+    assert not actual.requires_grad  # inference graph: weights are frozen
+
+
+def test_training_mode_is_refused_clearly():
+    model = VGGish(width=16).train()
+    with pytest.raises(Exception, match="training mode.*Call model.eval"):
+        torch.compile(model, backend=exfx.backend(inner="eager"))(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bogus": 1}, "unknown option"),
+    ({"inner": "tvm"}, "'inner' must be one of"),
+    ({"config": {"rule": "nope"}}, "rule must be one of"),
+    ({"config": 3}, "'config' must be an exfx.Config"),
+])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(Exception, match=message):
+        torch.compile(MLP().eval(), backend="exfx", options=options)(torch.randn(2, 20))
+
+
+def test_plan_for_another_model_is_refused():
+    plan = exfx.Plan.from_report(exfx.explain(MLP().eval(), (torch.randn(2, 20),)))
+    plan.signatures["net.1"] = "linear 64->999"
+    with pytest.raises(Exception, match="mismatched sites"):
+        torch.compile(MLP().eval(), backend=exfx.backend(plan=plan, inner="eager"))(torch.randn(2, 20))
+
+
+def test_backend_registered_by_entry_point_without_importing_exfx():
+    code = ("import sys, torch\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),"
+            " torch.nn.ReLU(), torch.nn.Linear(64, 2)).eval()\n"
+            "with torch.no_grad():\n"
+            "    y = torch.compile(m, backend='exfx', options={'inner': 'eager'})(torch.randn(3, 8))\n"
+            "assert y.shape == (3, 2)\n"
+            "print('exfx' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(TESTS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"  # loaded through the entry point, not by the caller
