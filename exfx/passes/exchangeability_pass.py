@@ -26,7 +26,9 @@ refused (the sample would not be from one exchangeable population).
 
 Every canonical ReLU then gets a verdict (:class:`~exfx.report.SiteInfo`). It is a
 *site* when its input is ``[A @] producer(x) [+ shift ...]`` with a linear or
-conv producer (``A`` a non-parameter left matmul, as in a GCN's ``adj @ (x W)``),
+conv producer (``A`` a non-parameter left matmul, as in a GCN's ``adj @ (x W)``;
+when both operands of an add lead to a producer, as with a 1x1 shortcut conv, the
+costlier producer is the site and the other operand a shift),
 the producer's output feeds only that chain, the contraction axis of ``x`` is in
 an exchangeable group, and the fan-in is at least the sample count.
 
@@ -552,7 +554,10 @@ def _match_chain(relu: fx.Node) -> _Chain:
             return _Chain(current, None, shifts)
         if _is_add(current):
             lhs, rhs = current.args[0], current.args[1]
-            side, other = (lhs, rhs) if _leads_to_producer(lhs) else (rhs, lhs)
+            # When both operands lead to a producer (a residual block with a 1x1 shortcut conv), the site is
+            # the costlier one, whatever the operand order: that is where early exit saves work, and the
+            # paper's choice (the block's second conv, never the shortcut).
+            side, other = (lhs, rhs) if _producer_cost(lhs) >= _producer_cost(rhs) else (rhs, lhs)
             if not _leads_to_producer(side):
                 break
             if not isinstance(other, fx.Node) or _meta(other) is None:
@@ -595,6 +600,21 @@ def _leads_to_producer(node: Any) -> bool:
             continue
         return False
     return False
+
+
+def _producer_cost(node: Any) -> int:
+    """Multiply-adds per output neuron of the costliest producer ``node`` leads to; -1 if none."""
+    while isinstance(node, fx.Node):
+        if is_producer(node):
+            weight = node.args[1]
+            return math.prod(_shape(weight)[1:]) if _meta(weight) is not None else 0
+        if _is_add(node):
+            return max(_producer_cost(node.args[0]), _producer_cost(node.args[1]))
+        if _is_left_matmul(node):
+            node = node.args[1]
+            continue
+        return -1
+    return -1
 
 
 def _verdict(relu: fx.Node, g: _AxisGraph, group_of: dict[Axis, str | None], pin_of: dict[Axis, str],
