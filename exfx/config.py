@@ -206,10 +206,15 @@ class Plan:
 
     @classmethod
     def from_report(cls, report: Report, config: Config | None = None) -> Plan:
-        """A plan that gives every eligible site of ``report`` the settings of ``config``."""
+        """A plan that gives every eligible site of ``report`` the settings of ``config``.
+
+        The signatures cover every *structurally* eligible site (those below the
+        sample count too), the same set the model is checked against, so the plan
+        always fits the model it was made from.
+        """
         params = (config or Config()).site_params
         eligible = [s for s in report.sites if s.eligible]
-        return cls(sites={s.name: params for s in eligible}, signatures={s.name: s.signature for s in eligible})
+        return cls(sites={s.name: params for s in eligible}, signatures=dict(report.signatures))
 
     def check_against(self, signatures: Mapping[str, str], fan_ins: Mapping[str, int]) -> None:
         """Raise if this plan does not fit the model whose eligible sites are ``signatures``."""
@@ -220,7 +225,7 @@ class Plan:
                 if mine != theirs:
                     problems.append(f"{name}: plan has {mine or 'no such site'}, model has {theirs or 'no such site'}")
         for name in sorted(set(self.sites) - set(signatures)):
-            if not self.signatures or name in self.signatures:
+            if name not in self.signatures:  # else already listed above
                 problems.append(f"{name}: in the plan but not an eligible site of this model")
         if problems:
             raise PlanMismatchError(
