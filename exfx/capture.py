@@ -29,10 +29,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["capture", "check_eval_mode", "normalise_inputs"]
 
 
+# Containers have no behaviour of their own, so their training flag cannot matter; torch.fx creates plain
+# nn.Module containers (in training mode) for the module hierarchy of a traced GraphModule.
+_CONTAINERS = (torch.nn.Module, torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict,
+               torch.nn.ParameterList, torch.nn.ParameterDict)
+
+
 def check_eval_mode(model: torch.nn.Module) -> None:
     """Raise :class:`TrainingModeError` if any submodule is in training mode."""
     for name, module in model.named_modules():
-        if module.training:
+        if module.training and type(module) not in _CONTAINERS:
             where = f"submodule {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
             raise TrainingModeError(f"{where} is in training mode; exfx compiles inference only. "
                                     f"Call model.eval() before exfx.compile/explain.")
