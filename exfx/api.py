@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from exfx.capture import capture, normalise_inputs
+from exfx.compiled import CompiledModule
 from exfx.config import Config, Plan
 from exfx.errors import UnsupportedModelError
 from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass
@@ -34,6 +35,12 @@ __all__ = ["compile", "explain"]
 
 
 def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) > len(placeholders) and not any(str(n.target).startswith("*") for n in placeholders):
+        raise UnsupportedModelError(
+            f"example_inputs has {len(inputs)} inputs but forward() takes {len(placeholders)} "
+            f"({', '.join(str(n.target) for n in placeholders)}). "
+            f"Check that example_inputs are what forward() expects.")
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
@@ -119,7 +126,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = ()) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
-    The user's model is not modified. The result runs at any batch size; its
+    The user's model is not modified. The result is a
+    :class:`~exfx.compiled.CompiledModule` (a ``torch.fx.GraphModule`` that checks
+    its inputs and fails with exfx errors); it runs at any batch size, and its
     ``meta["exfx_report"]`` holds the :class:`~exfx.report.Report` of what was done.
     Arguments are as for :func:`explain`.
 
@@ -135,4 +144,4 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     gm.meta["exfx_report"] = report
     if not report.eligible:
         logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
-    return gm
+    return CompiledModule(gm, normalise_inputs(example_inputs))
