@@ -88,7 +88,7 @@ class _PathTracer(fx.Tracer):
 
 # Where torch and exfx live: frames from there are not the user's code (a path merely containing "exfx" may be).
 _LIBRARY_DIRS = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+                 os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 def _user_frame(err: BaseException) -> str:
