@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exfx.errors import UnsupportedModelError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -172,6 +174,24 @@ def _shift(state: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor 
     return shift
 
 
+def _check_operands(x: Tensor, weight: Tensor, groups: int, site: str) -> None:
+    """Raise a clear exfx error where the producer itself would fail deep inside torch."""
+    if x.device != weight.device:
+        raise UnsupportedModelError(f"site {site!r}: the input is on {x.device} but the weights are on "
+                                    f"{weight.device}; move the inputs (or the model) to one device")
+    if x.dtype != weight.dtype:
+        raise UnsupportedModelError(f"site {site!r}: the input is {x.dtype} but the weights are {weight.dtype}; "
+                                    f"cast the inputs to the model's dtype")
+    expected = weight.shape[1] if _is_linear(weight) else weight.shape[1] * groups
+    got = x.shape[-1] if _is_linear(weight) else (x.shape[1] if x.dim() > 1 else -1)
+    if got != expected or (not _is_linear(weight) and x.dim() != weight.dim()):
+        what = "features" if _is_linear(weight) else "channels"
+        raise UnsupportedModelError(
+            f"site {site!r}: the input has shape {tuple(x.shape)} but the layer expects {expected} {what}"
+            f"{'' if _is_linear(weight) else f' and {weight.dim()} dims'}; call the compiled module with inputs "
+            f"shaped like the example's (the batch size may change; a flattened input fixes the spatial size)")
+
+
 # ---------------------------------------------------------------------------
 # exfx::partial_sum
 # ---------------------------------------------------------------------------
@@ -198,6 +218,7 @@ def partial_sum(
     Returns a new state of shape ``(2 if moments else 1, *out_shape)``. ``active``
     only matters for FLOP counting: the reference computes every neuron.
     """
+    _check_operands(x, weight, groups, site)
     xs, ws = _select_units(x, weight, start, stop, n_units, groups)
     parts = [_contract(xs, ws, stride, padding, dilation, groups)]
     if moments:
@@ -300,6 +321,7 @@ def complete(
 ) -> Tensor:
     """The pre-activation: partial sum + remaining units + bias + residual where
     ``active``, exactly 0 elsewhere."""
+    _check_operands(x, weight, groups, site)
     total = state[0]
     fan_in = fan_in_of(x, weight, n_units)
     if start < fan_in:
