@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from exfx.capture import capture, normalise_inputs
+from exfx.capture import capture as capture_model
+from exfx.capture import normalise_inputs
 from exfx.compiled import CompiledModule
 from exfx.config import Config, Plan
 from exfx.errors import UnsupportedModelError
@@ -51,11 +52,12 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
 
 
 def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_modules: Sequence[str],
-             concrete_args: Mapping[str, Any] | None, hidden_inputs: Sequence[str]) -> tuple[fx.GraphModule, Report]:
+             concrete_args: Mapping[str, Any] | None, hidden_inputs: Sequence[str],
+             capture: str) -> tuple[fx.GraphModule, Report]:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     inputs = normalise_inputs(example_inputs)
-    gm = capture(model, leaf_modules, concrete_args)
+    gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
     _propagate_shapes(gm, inputs)
     CanonicalizePass()(gm)
     _propagate_shapes(gm, inputs)
@@ -101,7 +103,8 @@ def _eligibility(site: SiteInfo, params: Any) -> tuple[bool, str]:
 
 def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, *,
             plan: Plan | None = None, leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = ()) -> Report:
+            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
+            capture: str = "auto") -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
 
     Args:
@@ -114,16 +117,20 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         hidden_inputs: names of ``forward()`` arguments that carry hidden
             activations (for example a backbone's features, when compiling only
             a head); their axes may then be exchangeable. Other inputs are pinned.
+        capture: ``"auto"`` (``torch.fx.symbolic_trace``, falling back to Dynamo
+            when it fails), ``"fx"`` or ``"dynamo"``. A Dynamo-captured module
+            takes the tensor inputs and returns the outputs flattened to tensors.
     """
     config = config or Config()
-    _, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs)
+    _, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs, capture)
     _assign_params(report, config, plan)
     return report
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | None = None, *, leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = ()) -> fx.GraphModule:
+            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
+            capture: str = "auto") -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
     The user's model is not modified. The result is a
@@ -138,7 +145,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
     config = config or Config()
-    gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs)
+    gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs, capture)
     _assign_params(report, config, plan)
     EnpPass(report.sites)(gm)
     gm.meta["exfx_report"] = report

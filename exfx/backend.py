@@ -32,7 +32,6 @@ but no gradient flows through exfx graphs (they are inference graphs).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,122 +43,14 @@ import torch.nn.functional as F
 from exfx.api import compile as exfx_compile
 from exfx.api import explain
 from exfx.config import Config, Plan
-from exfx.errors import ExfxError, PlanMismatchError, TrainingModeError
+from exfx.dynamo_capture import recover_parameters
+from exfx.errors import ExfxError, PlanMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["exfx_backend", "backend", "recover_parameters"]
+__all__ = ["exfx_backend", "backend"]
 
 _INNER = ("inductor", "eager")
-_CONTAINERS = {"_modules", "_parameters", "_buffers"}
-
-
-def _source_path(source: Any) -> tuple[str, bool]:
-    """The dotted attribute path a Dynamo source denotes, and whether it is a parameter or buffer."""
-    parts: list[str] = []
-    is_state = False
-    while source is not None:
-        kind = type(source).__name__
-        if "ParamBuffer" in kind:
-            is_state = True
-        member = getattr(source, "member", None)
-        index = getattr(source, "index", None)
-        if member is not None:
-            if member in ("_parameters", "_buffers"):
-                is_state = True
-            if member not in _CONTAINERS:
-                parts.append(str(member))
-        elif index is not None and "GetItem" in kind:
-            parts.append(str(index))
-        source = getattr(source, "base", None)
-    return ".".join(reversed(parts)), is_state
-
-
-def _set_tensor(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
-    *modules, leaf = path.split(".")
-    owner = root
-    for name in modules:
-        if not hasattr(owner, name):
-            owner.add_module(name, torch.nn.Module())
-        owner = getattr(owner, name)
-    owner.register_buffer(leaf, value.detach(), persistent=True)
-
-
-def _model_input_names() -> set[str] | None:
-    """In a graph-break resume frame, the names of the model's own ``forward`` arguments.
-
-    None when this graph is not a resume frame (or Dynamo's frame is not visible):
-    then every graph input is treated as a model input.
-    """
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        if not tx.f_code.co_name.startswith("torch_dynamo_resume_in_"):
-            return None
-        owner = tx.f_locals.get("self")
-    except Exception:  # noqa: BLE001 - private Dynamo API; fall back to the conservative answer
-        return None
-    if not isinstance(owner, torch.nn.Module):
-        return None
-    return set(inspect.signature(owner.forward).parameters)
-
-
-def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
-                       ) -> tuple[fx.GraphModule, list[int], list[str]]:
-    """Turn Dynamo's lifted parameter inputs back into ``get_attr`` nodes with their dotted paths.
-
-    Returns the new GraphModule (eval mode), the indices of the inputs it still
-    takes, and the names of those inputs that carry hidden activations: in a
-    graph-break resume frame, the locals that are not the model's own inputs.
-    """
-    model_inputs = _model_input_names()
-    hidden: list[str] = []
-    root = torch.nn.Module()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        raise ExfxError(f"exfx backend: graph has {len(placeholders)} inputs but got {len(example_inputs)} examples")
-    kept: list[int] = []
-    # Work on a copy: Dynamo reads the graph it handed over to decide what to pass at run time.
-    graph = fx.Graph()
-    copies: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, copies))
-    placeholders = [copies[n] for n in placeholders]
-    first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        path, is_state = _source_path(getattr(grapharg, "source", None)) if grapharg is not None else ("", False)
-        if not (is_state and path and isinstance(value, torch.Tensor)):
-            kept.append(index)
-            local = getattr(getattr(grapharg, "source", None), "local_name", None)
-            if model_inputs is not None and local and local not in model_inputs and isinstance(value, torch.Tensor):
-                hidden.append(str(node.target))
-            continue
-        _set_tensor(root, path, value)
-        with graph.inserting_before(first_real):
-            attr = graph.get_attr(path)
-        attr.meta.update({k: v for k, v in node.meta.items() if k != "grapharg"})
-        node.replace_all_uses_with(attr)
-        graph.erase_node(node)
-    _check_inference(graph)
-    recovered = fx.GraphModule(root, graph, "ExfxDynamoGraph").eval()
-    recovered.graph.lint()
-    return recovered, kept, hidden
-
-
-def _check_inference(graph: fx.Graph) -> None:
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is F.batch_norm:
-            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
-        elif node.target in (F.dropout, torch.dropout):
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        else:
-            continue
-        if training:
-            raise TrainingModeError(f"exfx backend: node `{node.name}` ({getattr(node.target, '__name__', '?')}) "
-                                    f"runs in training mode; exfx compiles inference only. Call model.eval().")
 
 
 def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,

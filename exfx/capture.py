@@ -4,11 +4,14 @@ exfx compiles eval-mode inference only, so a model in training mode is refused.
 The model is deep-copied first: later passes fold BatchNorm into weights and must
 never touch the user's parameters.
 
-``torch.fx.symbolic_trace`` is the capture. When it fails (data-dependent control
-flow, untraceable calls), :class:`~exfx.errors.CaptureError` names the module
-being traced and the line of user code that failed, and suggests the fixes:
-``leaf_modules=[...]`` to keep a module opaque, ``concrete_args={...}`` to fix a
-Python argument, or tracing the model yourself and passing the GraphModule.
+``torch.fx.symbolic_trace`` is the capture. When it fails (untraceable calls,
+``**kwargs`` plumbing, Python control flow), exfx falls back to capturing the
+model with Dynamo (:mod:`exfx.dynamo_capture`), which handles much more, such as
+Hugging Face models. When both fail (data-dependent control flow),
+:class:`~exfx.errors.CaptureError` names the module being traced and the line of
+user code that failed, and suggests the fixes: ``leaf_modules=[...]`` to keep a
+module opaque, ``concrete_args={...}`` to fix a Python argument, or tracing the
+model yourself and passing the GraphModule.
 An argument fixed by ``concrete_args`` keeps its placeholder (torch.fx asserts
 the fixed value), which then defaults to that value, so the captured module runs
 on ``example_inputs`` alone.
@@ -28,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import PH
 
+from exfx.dynamo_capture import dynamo_capture
 from exfx.errors import CaptureError, TrainingModeError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -140,14 +144,36 @@ def _default_to_concrete(model: torch.nn.Module, graph: fx.Graph, concrete_args:
             node.args = (value,)
 
 
-def capture(model: torch.nn.Module, leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None) -> fx.GraphModule:
-    """A private GraphModule of ``model``: the user's model is never modified."""
+CAPTURE_METHODS = ("auto", "fx", "dynamo")
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_modules: Sequence[str] = (),
+            concrete_args: Mapping[str, Any] | None = None, method: str = "auto") -> fx.GraphModule:
+    """A private GraphModule of ``model``: the user's model is never modified.
+
+    ``method="fx"`` uses ``torch.fx.symbolic_trace`` only, ``"dynamo"`` uses
+    Dynamo only (see :mod:`exfx.dynamo_capture`), and ``"auto"`` (the default)
+    tries symbolic tracing first and falls back to Dynamo when it fails.
+    """
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"exfx compiles torch.nn.Module instances, got {type(model).__name__}")
+    if method not in CAPTURE_METHODS:
+        raise ValueError(f"capture must be one of {CAPTURE_METHODS}, got {method!r}")
     check_eval_mode(model)
     private = copy.deepcopy(model)
     if isinstance(private, fx.GraphModule):
         logger.debug("using the given GraphModule as captured")
         return private
-    return _trace(private, leaf_modules, concrete_args)
+    if method == "dynamo":
+        return dynamo_capture(private, example_inputs)
+    try:
+        return _trace(private, leaf_modules, concrete_args)
+    except CaptureError as fx_error:
+        if method == "fx" or leaf_modules or concrete_args:
+            raise
+        try:
+            captured = dynamo_capture(private, example_inputs)
+        except CaptureError as dynamo_error:
+            raise CaptureError(f"{fx_error} (The Dynamo fallback failed too: {dynamo_error})") from fx_error
+        logger.info("symbolic tracing failed (%s); captured with Dynamo instead", fx_error)
+        return captured

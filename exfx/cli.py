@@ -111,7 +111,7 @@ def _graph_commands(args: argparse.Namespace, model: torch.nn.Module, inputs: tu
         print(_fenced(text, "text") if markdown else text, end="" if not markdown else "\n")
         return 0
     if args.command == "diff":
-        original = graphdiff.graph_text(capture(model))
+        original = graphdiff.graph_text(capture(model, inputs))
         diff = graphdiff.unified_diff(original, text)
         summary = graphdiff.site_summary(compiled.meta.get("exfx_report"))
         if markdown:

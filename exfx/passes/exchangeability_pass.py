@@ -64,9 +64,10 @@ Axis = tuple[str, int]
 _UNARY_FUNCTIONS = {
     torch.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardtanh, F.relu6, F.softplus, F.mish, F.hardswish,
     torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square,
-    operator.neg, F.sigmoid, F.tanh, torch.clone, torch.nn.functional.dropout, torch.erf, torch.log,
+    operator.neg, F.sigmoid, F.tanh, torch.clone, torch.nn.functional.dropout, torch.erf, torch.log, torch.pow,
+    operator.pow,
 }
-_UNARY_METHODS = {"relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "contiguous", "clone",
+_UNARY_METHODS = {"relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "contiguous", "clone", "pow",
                   "float", "half", "double", "bfloat16", "to", "type_as", "square", "erf", "log", "detach"}
 _UNARY_MODULES = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.LeakyReLU, torch.nn.Sigmoid, torch.nn.Tanh,
                   torch.nn.Hardtanh, torch.nn.ReLU6, torch.nn.Softplus, torch.nn.Mish, torch.nn.Hardswish)
@@ -282,6 +283,8 @@ class ExchangeabilityPass(PassBase):
             if target is operator.getitem and isinstance(node.args[0], fx.Node) and (
                     node.args[0].name in g.fresh_tuples):
                 return
+            if target is operator.getitem and self._getitem(node, g):
+                return
         elif node.op == "call_method":
             if target in _UNARY_METHODS or target in ("softmax", "log_softmax"):
                 return self._pointwise(node, g)
@@ -400,30 +403,73 @@ class ExchangeabilityPass(PassBase):
 
     @staticmethod
     def _reshape(node: fx.Node, g: _AxisGraph) -> None:
+        """Axes kept at either end are joined; a merge keeps its leading axis as blocks; a split pins."""
         source = node.all_input_nodes[0]
         in_shape, out_shape = _shape(source), _shape(node)
-        prefix = 0
-        while prefix < min(len(in_shape), len(out_shape)) and in_shape[prefix] == out_shape[prefix]:
-            if prefix == len(in_shape) - 1 or prefix == len(out_shape) - 1:
-                break
-            prefix += 1
-        for axis in range(prefix):
-            g.join(source, axis, node, axis)
-        rest_in, rest_out = in_shape[prefix:], out_shape[prefix:]
-        if rest_in == rest_out:
-            for axis in range(prefix, len(in_shape)):
+        if in_shape == out_shape:
+            for axis in range(len(in_shape)):
                 g.join(source, axis, node, axis)
                 g.inherit_layout(node, axis, source, axis)
             return
-        if len(rest_out) == 1 and len(rest_in) > 1 and math.prod(rest_in) == rest_out[0]:
-            # Flatten: each unit of the leading merged axis becomes a block of the trailing sizes.
+        prefix = 0
+        while prefix < min(len(in_shape), len(out_shape)) - 1 and in_shape[prefix] == out_shape[prefix]:
+            prefix += 1
+        suffix = 0
+        while (suffix < min(len(in_shape), len(out_shape)) - prefix - 1
+               and in_shape[-1 - suffix] == out_shape[-1 - suffix]):
+            suffix += 1
+        for axis in range(prefix):
+            g.join(source, axis, node, axis)
+            g.inherit_layout(node, axis, source, axis)
+        for back in range(1, suffix + 1):
+            g.join(source, -back, node, -back)
+            g.inherit_layout(node, -back, source, -back)
+        mid_in = in_shape[prefix:len(in_shape) - suffix]
+        mid_out = out_shape[prefix:len(out_shape) - suffix]
+        if len(mid_out) == 1 and len(mid_in) > 1 and math.prod(mid_in) == mid_out[0]:
+            # A merge (flatten): each unit of the leading merged axis becomes a block of the rest.
             g.join(source, prefix, node, prefix)
-            g.layouts[(node.name, prefix)] = Layout(units=rest_in[0], unit=math.prod(rest_in[1:]))
-            g.pin(source, range(prefix + 1, len(in_shape)), "axis merged by a flatten")
+            g.layouts[(node.name, prefix)] = Layout(units=mid_in[0], unit=math.prod(mid_in[1:]))
+            g.pin(source, range(prefix + 1, prefix + len(mid_in)), "axis merged by a flatten")
             return
         reason = "axis split or merged by a reshape"
-        g.pin(source, range(prefix, len(in_shape)), reason)
-        g.pin(node, range(prefix, len(out_shape)), reason)
+        g.pin(source, range(prefix, prefix + len(mid_in)), reason)
+        g.pin(node, range(prefix, prefix + len(mid_out)), reason)
+
+    @staticmethod
+    def _getitem(node: fx.Node, g: _AxisGraph) -> bool:
+        """Basic indexing: full slices keep an axis, ints and partial slices pin it. False if not basic."""
+        source, index = node.args[0], node.args[1]
+        in_rank, out_rank = _rank(source), _rank(node)
+        if in_rank is None or out_rank is None:
+            return False
+        items = list(index) if isinstance(index, tuple) else [index]
+        if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+            return False
+        if any(isinstance(v, fx.Node) for i in items if isinstance(i, slice) for v in (i.start, i.stop, i.step)):
+            return False
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            fill = in_rank - sum(1 for i in items if i is not None and i is not Ellipsis)
+            items = items[:at] + [slice(None)] * fill + items[at + 1:]
+        items += [slice(None)] * (in_rank - sum(1 for i in items if i is not None))
+        in_axis = out_axis = 0
+        for item in items:
+            if item is None:
+                out_axis += 1
+                continue
+            if isinstance(item, int):
+                g.pin(source, [in_axis], "axis indexed by an integer")  # type: ignore[arg-type]
+            elif item == slice(None):
+                g.join(source, in_axis, node, out_axis)  # type: ignore[arg-type]
+                g.inherit_layout(node, out_axis, source, in_axis)  # type: ignore[arg-type]
+                out_axis += 1
+            else:
+                g.pin(source, [in_axis], "axis sliced")  # type: ignore[arg-type]
+                g.pin(node, [out_axis], "axis sliced")
+                out_axis += 1
+            in_axis += 1
+        return True
 
     @staticmethod
     def _permute(node: fx.Node, g: _AxisGraph) -> None:
