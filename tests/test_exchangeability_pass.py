@@ -88,7 +88,7 @@ def test_relu_without_linear_or_conv_producer() -> None:
     assert len(report.sites) == 2
     for site in report.sites:
         assert site.eligible is False
-        assert site.reason == "no linear/conv producer"
+        assert site.reason.startswith("no linear/conv producer")
         assert site.kind == "-"
 
 

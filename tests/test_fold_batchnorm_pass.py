@@ -265,7 +265,7 @@ def test_unfolded_batchnorm_before_relu_is_not_a_site() -> None:
     x = torch.randn(2, 3, 8, 8)
     report = exfx.explain(model, (x,), exfx.Config(samples=8))
     assert [s.eligible for s in report.sites] == [False, False]
-    assert report.sites[1].reason == "no linear/conv producer"
+    assert report.sites[1].reason.startswith("no linear/conv producer")
     gm = exfx.compile(model, (x,), exfx.Config(samples=8))
     torch.testing.assert_close(gm(x), model(x))
 

@@ -91,6 +91,13 @@ _RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _NON_TENSOR_METHODS = {"size", "dim"}
 _NON_TENSOR_FUNCTIONS = {getattr}
+_GATHER_METHODS = {"index_select"}
+_SCATTER_METHODS = {"scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "index_add", "index_add_"}
+_SCATTER_FUNCTIONS = {torch.scatter_add, torch.scatter_reduce, torch.index_add}
+# Constant-valued tensors: every permutation leaves them unchanged, so they constrain nothing.
+_CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+_CONSTANT_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.empty, torch.zeros_like, torch.ones_like,
+                       torch.full_like, torch.empty_like}
 
 
 @dataclass(frozen=True)
@@ -298,6 +305,21 @@ class ExchangeabilityPass(PassBase):
                 return self._permute(node, g)
             if target == "matmul":
                 return self._matmul(node, g)
+            if target in _GATHER_METHODS:
+                return self._gather(node, g)
+            if target in _SCATTER_METHODS:
+                return self._scatter(node, g)
+            if target in _CONSTANT_METHODS:
+                return
+            if target in ("expand", "expand_as", "broadcast_to"):
+                return self._expand(node, g)
+        if node.op == "call_function":
+            if target is torch.index_select:
+                return self._gather(node, g)
+            if target in _SCATTER_FUNCTIONS:
+                return self._scatter(node, g)
+            if target in _CONSTANT_FUNCTIONS:
+                return
         reason = f"op {_describe_target(gm, node)} is not known to be permutation-equivariant"
         for arg in _tensor_args(node):
             g.pin(arg, None, reason)
@@ -435,6 +457,51 @@ class ExchangeabilityPass(PassBase):
         reason = "axis split or merged by a reshape"
         g.pin(source, range(prefix, prefix + len(mid_in)), reason)
         g.pin(node, range(prefix, prefix + len(mid_out)), reason)
+
+    @staticmethod
+    def _expand(node: fx.Node, g: _AxisGraph) -> None:
+        """Broadcasting copies: axes that keep their size are carried through; ``expand_as``'s
+        other operand only lends its shape."""
+        source = node.args[0]
+        if isinstance(source, fx.Node) and _meta(source) is not None:
+            ExchangeabilityPass._align(source, node, g)
+
+    @staticmethod
+    def _dim_arg(node: fx.Node) -> int:
+        return int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+
+    @classmethod
+    def _gather(cls, node: fx.Node, g: _AxisGraph) -> None:
+        """``index_select(dim, index)``: every other axis is carried through unchanged."""
+        source, rank = node.args[0], _rank(node) or 0
+        dim = cls._dim_arg(node) % rank
+        for axis in range(rank):
+            if axis != dim:
+                g.join(source, axis, node, axis)  # type: ignore[arg-type]
+                g.inherit_layout(node, axis, source, axis)  # type: ignore[arg-type]
+        g.pin(node, [dim], "axis gathered by an index")
+        g.pin(source, [dim], "axis gathered by an index")  # type: ignore[arg-type]
+
+    @classmethod
+    def _scatter(cls, node: fx.Node, g: _AxisGraph) -> None:
+        """``scatter_add``/``index_add`` along ``dim``: the other axes of ``self``, ``src`` and the result match.
+
+        The index operand is not joined: only its values (positions along ``dim``) matter.
+        """
+        rank = _rank(node) or 0
+        dim = cls._dim_arg(node) % rank
+        names = ("input", "dim", "index", "src", "source")
+        operands = [node.args[0]] + [v for i, v in enumerate(node.args) if i >= 3 and i < len(names)]
+        operands += [node.kwargs[k] for k in ("src", "source") if k in node.kwargs]
+        for operand in operands:
+            if not isinstance(operand, fx.Node) or _rank(operand) != rank:
+                continue
+            for axis in range(rank):
+                if axis != dim:
+                    g.join(operand, axis, node, axis)
+                    g.inherit_layout(node, axis, operand, axis)
+            g.pin(operand, [dim], "axis scattered by an index")
+        g.pin(node, [dim], "axis scattered by an index")
 
     @staticmethod
     def _getitem(node: fx.Node, g: _AxisGraph) -> bool:
@@ -663,13 +730,39 @@ def _producer_cost(node: Any) -> int:
     return -1
 
 
+def _trace_back(source: Any, limit: int = 12) -> str:
+    """Where a ReLU's input comes from, when it is not a site: names an upstream producer if there is one."""
+    if not isinstance(source, fx.Node):
+        return ""
+    path, node = [], source
+    while isinstance(node, fx.Node) and len(path) < limit:
+        if is_producer(node):
+            steps = ", ".join(dict.fromkeys(reversed(path)))
+            return (f" (the linear `{node.meta.get('exfx_name', node.name)}` is followed by {steps}, "
+                    f"which exfx does not carry partial sums through)")
+        path.append(_describe_source(node))
+        inputs = [a for a in node.all_input_nodes if _meta(a) is not None and a.op != "get_attr"]
+        node = max(inputs, key=lambda a: math.prod(_shape(a)), default=None) if inputs else None
+    return f" (its input comes from {_describe_source(source)})"
+
+
+def _describe_source(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"model input `{node.target}`"
+    if node.op == "call_module":
+        return f"module `{node.target}`"
+    if node.op == "call_method":
+        return f"`.{node.target}()`"
+    return f"`{getattr(node.target, '__name__', str(node.target))}`"
+
+
 def _verdict(relu: fx.Node, g: _AxisGraph, group_of: dict[Axis, str | None], pin_of: dict[Axis, str],
              samples: int) -> SiteInfo:
     chain = _match_chain(relu)
     relu_name = relu.meta.get("exfx_relu_source", relu.name)
     if chain.producer is None:
-        return SiteInfo(name=relu_name, eligible=False, reason=chain.problem or "no linear/conv producer",
-                        relu_node=relu.name)
+        reason = chain.problem or f"no linear/conv producer{_trace_back(relu.args[0])}"
+        return SiteInfo(name=relu_name, eligible=False, reason=reason, relu_node=relu.name)
     producer = chain.producer
     name = producer.meta.get("exfx_name", producer.name)
     kind = "linear" if producer.target is F.linear else producer.target.__name__  # type: ignore[union-attr]
