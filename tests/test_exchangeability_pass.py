@@ -327,3 +327,28 @@ def test_report_table_and_dict() -> None:
     assert data["sites"][1]["params"]["samples"] == [8]
     with pytest.raises(KeyError, match="no site named"):
         report.site("nope")
+
+
+class Tied(nn.Module):
+    """One Linear applied twice: its rows and columns tie the three hidden axes together."""
+
+    def __init__(self, return_last_hidden: bool) -> None:
+        super().__init__()
+        self.a, self.fc, self.out = nn.Linear(8, 40), nn.Linear(40, 40), nn.Linear(40, 2)
+        self.return_last_hidden = return_last_hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(F.relu(self.fc(F.relu(self.a(x))))))
+        return h if self.return_last_hidden else self.out(h)
+
+
+def test_tied_weights_tie_their_axes() -> None:
+    x = torch.randn(3, 8)
+    report = exfx.explain(Tied(False).eval(), (x,), CFG8)
+    assert [(s.name, s.eligible) for s in report.sites] == [("a", False), ("fc", True), ("fc#2", True)]
+    assert report.site("fc").group == report.site("fc#2").group
+    # Returning the last hidden tensor pins its axis, hence fc's rows, hence every axis fc touches.
+    report = exfx.explain(Tied(True).eval(), (x,), CFG8)
+    for name in ("fc", "fc#2"):
+        eligible, reason = verdicts(report)[name]
+        assert not eligible and "model output" in reason

@@ -5,7 +5,8 @@ vertices are ``(node, axis)`` pairs, one per axis of every tensor in the graph,
 and whose edges join axes that must be permuted together for the model's
 function to stay the same: a linear's input axis with its weight's column axis,
 its output axis with the weight's rows and the bias, an element-wise op's axes
-with its operands', both operands of a residual add, and so on. Connected
+with its operands', both operands of a residual add, every read of one parameter
+(tied weights), and so on. Connected
 components are the *groups*.
 
 A group is **pinned** (not exchangeable) when one of its axes
@@ -155,6 +156,8 @@ class _AxisGraph:
         self.layouts: dict[Axis, Layout] = {}
         # Tuple-valued nodes whose elements are fresh tensors (no axis tied to any input).
         self.fresh_tuples: set[str] = set()
+        # First get_attr node of each parameter: later reads of the same tensor share its axes.
+        self.attrs: dict[str, fx.Node] = {}
 
     def add(self, node: fx.Node) -> None:
         rank = _rank(node)
@@ -233,8 +236,14 @@ class ExchangeabilityPass(PassBase):
             for arg in node.all_input_nodes:
                 g.pin(arg, None, "model output")
             return
-        if node.op == "get_attr" or _meta(node) is None and node.op != "call_module":
-            if node.op != "get_attr" and not self._is_non_tensor(node):
+        if node.op == "get_attr":
+            # A tensor read twice (tied weights) is one tensor: permuting it permutes every use.
+            first = g.attrs.setdefault(str(node.target), node)
+            for axis in range(_rank(node) or 0):
+                g.join(first, axis, node, axis)
+            return
+        if _meta(node) is None and node.op != "call_module":
+            if not self._is_non_tensor(node):
                 for arg in _tensor_args(node):
                     g.pin(arg, None, f"op {_describe_target(gm, node)} is not known to be permutation-equivariant")
             return
