@@ -1,7 +1,8 @@
 """Configuration: global knobs (:class:`Config`) and per-site parameters (:class:`Plan`).
 
 ``Config`` is a frozen, validated dataclass; a bad field raises ``ValueError``
-naming the field. ``Plan`` maps site names (the dotted name of the producing
+naming the field, and numbers (numpy scalars too) are stored as Python ``int``
+and ``float``. ``Plan`` maps site names (the dotted name of the producing
 module or parameter, e.g. ``layer1.0.conv1``) to :class:`SiteParams`, round-trips
 through JSON and carries a fingerprint of the model it was made for, so that it
 cannot silently be applied to another model.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -41,9 +43,9 @@ PLAN_VERSION = 1
 
 def _normalise_samples(samples: Any, field_name: str = "samples") -> tuple[int, ...]:
     """An int or an increasing sequence of positive ints -> a tuple of checkpoints."""
-    if isinstance(samples, bool):
+    if isinstance(samples, bool) or isinstance(samples, str):
         raise ValueError(f"{field_name} must be a positive int or an increasing sequence of them, got {samples!r}")
-    if isinstance(samples, int):
+    if isinstance(samples, numbers.Integral):  # int, or a numpy integer from calibration code
         samples = (samples,)
     try:
         values = tuple(samples)
@@ -53,11 +55,19 @@ def _normalise_samples(samples: Any, field_name: str = "samples") -> tuple[int, 
     if not values:
         raise ValueError(f"{field_name} must name at least one checkpoint, got an empty sequence")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{field_name} must hold positive ints, got {value!r} in {samples!r}")
+    values = tuple(int(v) for v in values)
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"{field_name} must be strictly increasing, got {values!r}")
     return values
+
+
+def _as_float(value: Any) -> Any:
+    """A real number (numpy scalars included) as a Python float; anything else unchanged, for the checks."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _check_rule_params(rule: Any, threshold: Any, alpha: Any, samples: tuple[int, ...], where: str) -> None:
@@ -102,6 +112,8 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        object.__setattr__(self, "threshold", _as_float(self.threshold))
+        object.__setattr__(self, "alpha", _as_float(self.alpha))
         _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION}, got {self.version!r}")
@@ -139,6 +151,8 @@ class SiteParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        object.__setattr__(self, "threshold", _as_float(self.threshold))
+        object.__setattr__(self, "alpha", _as_float(self.alpha))
         _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"enabled must be a bool, got {self.enabled!r}")

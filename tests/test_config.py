@@ -282,3 +282,20 @@ def test_plan_disabling_every_site_gives_the_original_model() -> None:
 def test_compile_rejects_a_non_config() -> None:
     with pytest.raises(TypeError, match="exfx.Config"):
         exfx.compile(MLP().eval(), (torch.randn(2, 20),), {"threshold": 0.0})  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_accepted_and_normalised(tmp_path) -> None:
+    """Calibration code hands over numpy scalars; they become plain Python numbers (JSON-ready)."""
+    import numpy as np
+
+    config = exfx.Config(threshold=np.float32(-0.5), alpha=np.float32(0.25), samples=np.array([8, 16]))
+    assert config.samples == (8, 16) and all(type(s) is int for s in config.samples)
+    assert type(config.threshold) is float and config.threshold == -0.5
+    assert type(config.alpha) is float and config.alpha == 0.25
+    params = SiteParams(threshold=np.float64(-1.0), samples=np.int64(4))
+    assert params.samples == (4,) and type(params.samples[0]) is int
+    plan = exfx.Plan(sites={"net.1": params})
+    plan.save(tmp_path / "plan.json")
+    assert exfx.Plan.load(tmp_path / "plan.json") == plan
+    with pytest.raises(ValueError, match="samples"):
+        exfx.Config(samples=np.float64(8.0))
