@@ -278,3 +278,24 @@ def test_fold_is_idempotent() -> None:
     assert FoldBatchNormPass()(gm).modified is False
     for key, value in weights.items():
         assert torch.equal(gm.state_dict()[key], value)
+
+
+class TiedModuleBN(nn.Module):
+    """One Linear module called twice, BatchNorm after one call only: folding would change the other call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+        _randomise_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x)) + self.fc(x)
+
+
+def test_batchnorm_is_not_folded_into_a_module_called_twice() -> None:
+    model = TiedModuleBN().eval()
+    x = torch.randn(4, 6)
+    gm, modified = fold(model, x)
+    assert not modified and len(batchnorms(gm)) == 1
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exfx.compile(model, (x,), exfx.Config(samples=2))(x), model(x), rtol=1e-5, atol=1e-5)

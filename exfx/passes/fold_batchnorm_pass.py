@@ -10,7 +10,8 @@ It applies to ``nn.BatchNorm1d``/``nn.BatchNorm2d`` modules and to
 ``F.batch_norm(..., training=False)`` with constant statistics, when
 
 - the input is a canonical producer (see :mod:`canonicalize_pass`) whose only
-  user is the BatchNorm, with a ``get_attr`` weight used by nothing else, and
+  user is the BatchNorm, with a ``get_attr`` weight (and bias) used by nothing
+  else, through any ``get_attr`` node (a module called twice is not folded), and
 - the BatchNorm's channel axis is the producer's output axis (axis 1 of a conv;
   a linear's output must be 2-D for ``BatchNorm1d``).
 
@@ -78,10 +79,9 @@ class FoldBatchNormPass(PassBase):
         if not (isinstance(producer, fx.Node) and is_producer(producer) and len(producer.users) == 1):
             return False
         weight_node, bias_node = producer.args[1], producer.args[2]
-        if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr" and len(weight_node.users) == 1):
+        if not _sole_use(weight_node):
             return False
-        if bias_node is not None and not (isinstance(bias_node, fx.Node) and bias_node.op == "get_attr"
-                                          and len(bias_node.users) == 1):
+        if bias_node is not None and not _sole_use(bias_node):
             return False
         out_meta = producer.meta.get("tensor_meta")
         if producer.target is F.linear and (out_meta is None or len(out_meta.shape) != 2):
@@ -107,6 +107,19 @@ class FoldBatchNormPass(PassBase):
         gm.graph.erase_node(bn)
         logger.debug("folded %s into %s", bn.name, producer.meta.get("exfx_name"))
         return True
+
+
+def _sole_use(node: Any) -> bool:
+    """A ``get_attr`` whose tensor has exactly one use in the graph.
+
+    A module called twice reads its weight through two ``get_attr`` nodes, so
+    counting the users of one node is not enough: folding would rescale the
+    other call's weight too.
+    """
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    reads = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target]
+    return sum(len(n.users) for n in reads) == 1
 
 
 def _batchnorm_stats(gm: fx.GraphModule, node: fx.Node) -> _BatchNormStats | None:
