@@ -270,8 +270,11 @@ class Plan:
             raise PlanError("plan field 'sites' must be an object mapping site names to parameters")
         if not isinstance(signatures, Mapping) or not all(isinstance(v, str) for v in signatures.values()):
             raise PlanError("plan field 'signatures' must map site names to strings")
+        meta = data.get("meta") or {}
+        if not isinstance(meta, Mapping):
+            raise PlanError(f"plan field 'meta' must be an object, got {type(meta).__name__}")
         plan = cls(sites={str(k): SiteParams.from_dict(v, str(k)) for k, v in sites.items()},
-                   signatures=dict(signatures), meta=dict(data.get("meta") or {}))
+                   signatures=dict(signatures), meta=dict(meta))
         stored = data.get("fingerprint")
         if stored is not None and stored != plan.fingerprint:
             raise PlanError(f"plan field 'fingerprint' is {stored!r} but its signatures hash to "

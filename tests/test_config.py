@@ -144,6 +144,8 @@ def test_truncated_plan_file(mlp, tmp_path) -> None:
     (lambda d: d["sites"].update({"net.1": [1, 2]}), "net.1"),
     (lambda d: d.update({"sites": [1]}), "sites"),
     (lambda d: d.update({"signatures": {"net.1": 5}}), "signatures"),
+    (lambda d: d.update({"meta": [1, 2]}), "meta"),
+    (lambda d: d.update({"meta": "notes"}), "meta"),
 ])
 def test_corrupted_plan_raises_plan_error(mlp, tmp_path, mutate, match: str) -> None:
     model, x = mlp
