@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from exfx.capture import capture as capture_model
-from exfx.capture import normalise_inputs
+from exfx.capture import TRACE_LOCK, normalise_inputs
 from exfx.compiled import CompiledModule
 from exfx.config import Config, Plan
 from exfx.errors import UnsupportedModelError
@@ -57,12 +57,14 @@ def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_m
     if not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     inputs = normalise_inputs(example_inputs)
-    gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
-    _propagate_shapes(gm, inputs)
-    CanonicalizePass()(gm)
-    _propagate_shapes(gm, inputs)
-    FoldBatchNormPass()(gm)
-    _propagate_shapes(gm, inputs)
+    # Held until the model has stopped running: torch.fx tracing in another thread would intercept its calls.
+    with TRACE_LOCK:
+        gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
+        _propagate_shapes(gm, inputs)
+        CanonicalizePass()(gm)
+        _propagate_shapes(gm, inputs)
+        FoldBatchNormPass()(gm)
+        _propagate_shapes(gm, inputs)
     _check_hidden_inputs(gm, hidden_inputs)
     analysis = ExchangeabilityPass(samples=config.samples[-1], hidden_inputs=hidden_inputs)  # type: ignore[index]
     analysis(gm)

@@ -20,6 +20,7 @@ on ``example_inputs`` alone.
 from __future__ import annotations
 
 import copy
+import threading
 import inspect
 import logging
 import os
@@ -43,6 +44,11 @@ __all__ = ["capture", "check_eval_mode", "normalise_inputs"]
 # nn.Module containers (in training mode) for the module hierarchy of a traced GraphModule.
 _CONTAINERS = (torch.nn.Module, torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict,
                torch.nn.ParameterList, torch.nn.ParameterDict)
+
+
+#: torch.fx tracing patches ``nn.Module.__call__`` process-wide while it runs, so two traces in two
+#: threads would see each other's modules; exfx serialises its captures (the rest of compile is per call).
+TRACE_LOCK = threading.RLock()
 
 
 def check_eval_mode(model: torch.nn.Module) -> None:
@@ -112,7 +118,8 @@ def _trace(model: torch.nn.Module, leaf_modules: Sequence[str], concrete_args: M
         raise CaptureError(f"leaf_modules names {unknown} that are not submodules of the model")
     tracer = _PathTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+        with TRACE_LOCK:
+            graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as err:  # symbolic tracing raises many types; all mean the same to the user
         failed = tracer.exfx_failed_path
         where = f"module {failed!r}" if failed else "the model's forward"

@@ -157,7 +157,9 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
         return gm.forward
 
     try:
-        with torch.no_grad():
+        from exfx.capture import TRACE_LOCK
+
+        with TRACE_LOCK, torch.no_grad():
             torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*example_inputs)
     except ExfxError:
         raise
