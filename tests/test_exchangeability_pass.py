@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import exfx
 from exfx.capture import capture
 from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
-from exfx.passes.canonicalize_pass import is_producer, is_relu
+from exfx.passes.canonicalize_pass import is_relu
 from models import GCN, MLP, BasicBlock, FunctionalMLP, OPTBlockLM, ResNetish, VGGish, _randomise_bn
 
 CFG8 = exfx.Config(samples=8)
