@@ -54,6 +54,8 @@ __all__ = [
     "early_exit",
     "complete",
     "z_critical",
+    "cutoff",
+    "exit_statistic",
     "fan_in_of",
     "terms_per_unit",
 ]
@@ -270,6 +272,25 @@ def early_exit(
     so NaN propagates exactly as in the original model. Returns the boolean mask of
     neurons that stay active.
     """
+    if rule not in RULES:
+        raise ValueError(f"exfx::early_exit: unknown rule {rule!r}; expected one of {RULES}")
+    statistic = exit_statistic(state, weight, bias, residual, count, fan_in, rule)
+    keep = ~(statistic < cutoff(rule, param))
+    return keep if active is None else keep & active
+
+
+def cutoff(rule: str, param: float) -> float:
+    """A neuron is pruned when its :func:`exit_statistic` is below this."""
+    return float(param) if rule == "threshold" else z_critical(param)
+
+
+def exit_statistic(state: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, count: int,
+                   fan_in: int, rule: str) -> Tensor:
+    """The quantity a rule compares with its cutoff: the mean term ``m`` or the z-score ``m / sqrt(v / k)``.
+
+    Where the statistics are not finite (NaN or Inf inputs) it is ``+inf``, which
+    no cutoff prunes.
+    """
     # At least float32 (half-precision statistics would lose the test), never narrower than the model.
     dtype = torch.promote_types(state.dtype, torch.float32)
     stats = state.to(dtype)
@@ -279,18 +300,12 @@ def early_exit(
     if shift is not None:
         mean = mean + shift.to(dtype) / fan_in
     if rule == "threshold":
-        prune = mean < param
-        finite = torch.isfinite(mean)
-    elif rule == "ztest":
-        torch._check(stats.shape[0] == 2, lambda: "exfx: the z-test needs moments in the state")
-        variance = (stats[1] - total * total / count).clamp_min(0.0) / (count - 1)
-        z = mean / torch.sqrt(variance / count)
-        prune = z < z_critical(param)
-        finite = torch.isfinite(mean) & torch.isfinite(variance)
-    else:
-        raise ValueError(f"exfx::early_exit: unknown rule {rule!r}; expected one of {RULES}")
-    keep = ~(prune & finite)
-    return keep if active is None else keep & active
+        return torch.where(torch.isfinite(mean), mean, torch.inf)
+    torch._check(stats.shape[0] == 2, lambda: "exfx: the z-test needs moments in the state")
+    variance = (stats[1] - total * total / count).clamp_min(0.0) / (count - 1)
+    z = mean / torch.sqrt(variance / count)
+    finite = torch.isfinite(mean) & torch.isfinite(variance)
+    return torch.where(finite & ~torch.isnan(z), z, torch.inf)
 
 
 @early_exit.register_fake
