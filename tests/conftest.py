@@ -27,9 +27,3 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def generator() -> torch.Generator:
-    """A private, seeded generator for tests that want their own stream."""
-    return torch.Generator().manual_seed(1234)
