@@ -11,6 +11,7 @@ Example::
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import compile, explain
 from exfx.backend import backend  # the function; the module stays importable as exfx.backend
+from exfx.calibrate import calibrate, random_search
 from exfx.config import Config, Plan, SiteParams
 from exfx.errors import (
     CaptureError,
@@ -38,6 +39,8 @@ __all__ = [
     "SiteInfo",
     "SiteParams",
     "backend",
+    "calibrate",
+    "random_search",
     "TrainingModeError",
     "UnsupportedModelError",
     "compile",

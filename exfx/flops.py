@@ -39,7 +39,7 @@ from exfx.ops import enp_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteFlops", "FlopReport", "count_flops", "FLOP_CONVENTION"]
+__all__ = ["SiteFlops", "FlopReport", "count_flops", "run_counting", "FLOP_CONVENTION"]
 
 FLOP_CONVENTION = "2 FLOPs per multiply-add; element-wise ops not counted; exfx test overhead included"
 
@@ -161,6 +161,15 @@ def _complete_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
     return flops
 
 
+def run_counting(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> tuple[Any, FlopReport]:
+    """Run ``module(*inputs, **kwargs)`` once; return its output and a :class:`FlopReport`."""
+    with torch.no_grad(), _site_accounting() as sites, FlopCounterMode(display=False) as counter:
+        output = module(*inputs, **kwargs)
+    executed = int(counter.get_total_flops())
+    dense = executed + sum(s.dense - s.executed for s in sites.values())
+    return output, FlopReport(dense=dense, executed=executed, sites=dict(sites))
+
+
 def count_flops(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> FlopReport:
     """Run ``module(*inputs, **kwargs)`` once and count executed and dense FLOPs.
 
@@ -174,8 +183,4 @@ def count_flops(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> FlopRep
         >>> report.executed < report.dense
         True
     """
-    with torch.no_grad(), _site_accounting() as sites, FlopCounterMode(display=False) as counter:
-        module(*inputs, **kwargs)
-    executed = int(counter.get_total_flops())
-    dense = executed + sum(s.dense - s.executed for s in sites.values())
-    return FlopReport(dense=dense, executed=executed, sites=dict(sites))
+    return run_counting(module, *inputs, **kwargs)[1]

@@ -1,0 +1,419 @@
+"""Calibration: per-site early-exit parameters for an accuracy budget, in a dozen evaluations.
+
+:func:`calibrate` uses the structure of the problem instead of blind search:
+
+1. **Instrument once.** The model is compiled never-pruning, with every
+   candidate checkpoint, and run over the calibration data. At each checkpoint
+   of each site it records, for a seeded random sample of neurons, both rules'
+   test statistics (the mean term and the z-score), and at completion the
+   neuron's true pre-activation.
+2. **Price every candidate offline.** For each site, each rule (threshold,
+   z-test), each schedule and each parameter on a grid (thresholds at quantiles
+   of the recorded statistic, a ladder of alphas), it replays the early-exit
+   tests on the recorded neurons. That gives the executed FLOPs per neuron, with
+   the test overhead and the same FLOP convention as :mod:`exfx.flops`, and the
+   *damage*: the fraction of the site's post-ReLU activation mass that false
+   prunes would zero.
+3. **Allocate across sites.** For a price ``lam``, each site takes the
+   candidate that maximises ``saved FLOPs / model FLOPs - lam * damage``. This is
+   the Lagrangian of "fewest FLOPs subject to bounded damage", solved exactly
+   per site. A bisection on ``log lam`` then runs **full evaluations** on the
+   calibration data and keeps the plan with the fewest measured executed FLOPs
+   whose metric drop stays within ``budget``.
+
+Everything is deterministic under ``seed`` (the neuron sample), and the data is
+read in the order given. The returned plan's ``meta["calibration"]`` records the
+number of full evaluations, the wall time, the baseline and calibrated scores
+and the measured FLOP reduction.
+
+:func:`random_search` is the baseline in the spirit of the published tuning
+(Optuna over per-layer parameters): it draws random per-site rules and
+parameters, evaluates each, and keeps the best plan within budget.
+
+Both select on the data they are given; hand them a validation split, never the
+test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from exfx.api import compile as exfx_compile
+from exfx.api import explain
+from exfx.capture import normalise_inputs
+from exfx.config import Config, Plan, SiteParams
+from exfx.errors import ExfxError
+from exfx.flops import run_counting
+from exfx.ops import enp_ops
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibrate", "random_search", "evaluate", "Evaluation", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
+
+Metric = Callable[[Any, Any], float]
+Batch = Any
+
+DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = ((32,), (16, 32), (16,), (8, 16, 32))
+DEFAULT_ALPHAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+_THRESHOLD_QUANTILES = tuple(q / 100 for q in (1, 2, 3, 5, 7, 10, 13, 16, 20, 25, 30, 35, 40, 45, 50, 60, 70))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """One full pass over the data: the metric and the FLOPs actually executed."""
+
+    score: float
+    executed: int
+    dense: int
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.executed / self.dense if self.dense else 0.0
+
+
+def _split(batch: Batch) -> tuple[tuple[Any, ...], Any]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ExfxError("calibration data must yield (inputs, targets) pairs; inputs may be a tensor or a tuple")
+    inputs, targets = batch
+    return normalise_inputs(inputs), targets
+
+
+def _concat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return parts
+
+
+def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, desc: str = "evaluate",
+             progress: bool | None = None) -> Evaluation:
+    """Run ``module`` over ``data``; score all outputs at once with ``metric`` and count FLOPs."""
+    outputs, targets, executed, dense = [], [], 0, 0
+    for batch in tqdm(data, desc=desc, disable=_quiet(progress), leave=False):
+        inputs, target = _split(batch)
+        output, flops = run_counting(module, *inputs)
+        outputs.append(output)
+        targets.append(target)
+        executed += flops.executed
+        dense += flops.dense
+    if not outputs:
+        raise ExfxError("calibration data is empty")
+    return Evaluation(score=float(metric(_concat(outputs), _concat(targets))), executed=executed, dense=dense)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+# ---------------------------------------------------------------------------
+# 1. Instrumentation
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _SiteSample:
+    """What the instrumented pass saw at one site, for a sample of its neurons."""
+
+    fan_in: int
+    cost_per_unit: int  # FLOPs one unit adds to one neuron (2 per multiply-add)
+    neurons: int = 0  # all neurons seen, not just the sample
+    checkpoints: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    pre: list[torch.Tensor] = field(default_factory=list)
+
+    def tensors(self) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor]:
+        stats = {k: {rule: torch.cat(v) for rule, v in per_rule.items()} for k, per_rule in self.checkpoints.items()}
+        return stats, torch.cat(self.pre)
+
+
+class _Recorder(fx.Interpreter):
+    """Interprets a never-pruning compiled module with moments, sampling neurons at every site."""
+
+    def __init__(self, gm: fx.GraphModule, samples: dict[str, _SiteSample], per_batch: int,
+                 generator: torch.Generator) -> None:
+        super().__init__(gm)
+        self.samples, self.per_batch, self.generator = samples, per_batch, generator
+        self.index: dict[str, torch.Tensor] = {}
+
+    def _pick(self, site: str, numel: int) -> torch.Tensor:
+        if site not in self.index:
+            count = min(numel, self.per_batch)
+            self.index[site] = torch.randperm(numel, generator=self.generator)[:count]
+        return self.index[site]
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.op != "call_function":
+            return result
+        if n.target is torch.ops.exfx.early_exit.default:
+            state, weight, bias, residual, _active, count, fan_in, _rule, _param, site = self.fetch_args_kwargs_from_env(
+                n)[0]
+            picked = self._pick(site, state[0].numel())
+            per_rule = self.samples[site].checkpoints.setdefault(count, {r: [] for r in enp_ops.RULES})
+            for rule in enp_ops.RULES:
+                statistic = enp_ops.exit_statistic(state, weight, bias, residual, count, fan_in, rule)
+                per_rule[rule].append(statistic.reshape(-1)[picked].double())
+        elif n.target is torch.ops.exfx.complete.default:
+            site = self.fetch_args_kwargs_from_env(n)[0][12]
+            picked = self._pick(site, result.numel())
+            self.samples[site].pre.append(result.reshape(-1)[picked].double())
+            self.samples[site].neurons += result.numel()
+        return result
+
+
+def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Batch], sites: list[Any],
+                checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
+                progress: bool | None) -> dict[str, _SiteSample]:
+    plan = Plan(sites={s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
+    probe = exfx_compile(model, example_inputs, plan=plan)
+    samples: dict[str, _SiteSample] = {}
+    for node in probe.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.exfx.complete.default:
+            site = node.args[12]
+            x, weight = node.args[0].meta["tensor_meta"], node.args[1].meta["tensor_meta"]
+            info = next(s for s in sites if s.name == site)
+            unit_terms = (x.shape[-1] // info.n_units) if len(weight.shape) == 2 else math.prod(weight.shape[2:])
+            samples[site] = _SiteSample(fan_in=info.fan_in, cost_per_unit=2 * unit_terms)
+    batches = list(data) if not isinstance(data, (list, tuple)) else data
+    per_batch = max(1, max_neurons // max(1, len(batches)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="exfx calibrate: instrument", disable=_quiet(progress), leave=False):
+            inputs, _ = _split(batch)
+            recorder = _Recorder(probe, samples, per_batch, generator)
+            recorder.run(*inputs)
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# 2. Pricing candidates
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    params: SiteParams
+    saved: float  # FLOPs saved over the calibration data (extrapolated from the sample)
+    damage: float  # fraction of post-ReLU mass zeroed by false prunes
+
+
+def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, mass: float,
+            sample: _SiteSample, params: SiteParams) -> tuple[float, float]:
+    """Executed FLOPs per neuron and damage of ``params`` on the recorded neurons."""
+    cut = enp_ops.cutoff(params.rule, params.param)
+    active = torch.ones_like(positive, dtype=torch.bool)
+    flops, done = 0.0, 0
+    per_test = enp_ops.ZTEST_TEST_FLOPS if params.rule == "ztest" else enp_ops.THRESHOLD_TEST_FLOPS
+    for k in params.samples:
+        fraction = float(active.double().mean())
+        flops += fraction * (k - done) * sample.cost_per_unit
+        if params.rule == "ztest":
+            flops += fraction * (k - done) * enp_ops.MOMENT_FLOPS_PER_TERM
+        flops += fraction * per_test
+        active &= ~(stats[k][params.rule] < cut)
+        done = k
+    flops += float(active.double().mean()) * (sample.fan_in - done) * sample.cost_per_unit
+    lost = float(positive[~active].sum())
+    return flops, (lost / mass if mass > 0 else 0.0)
+
+
+def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float]) -> list[_Candidate]:
+    stats, pre = sample.tensors()
+    positive = pre.clamp_min(0.0)
+    mass = float(positive.sum())
+    dense = sample.fan_in * sample.cost_per_unit
+    scale = sample.neurons
+    out = [_Candidate(SiteParams(enabled=False), 0.0, 0.0)]
+    for schedule in schedules:
+        if schedule[-1] > sample.fan_in:
+            continue
+        first = stats[schedule[0]]["threshold"]
+        finite = first[torch.isfinite(first)]
+        thresholds = sorted({float(v) for v in torch.quantile(finite, torch.tensor(_THRESHOLD_QUANTILES,
+                                                                                     dtype=finite.dtype))}
+                            ) if finite.numel() else []
+        options = [SiteParams(rule="threshold", threshold=t, samples=schedule) for t in thresholds]
+        if schedule[0] >= 2:
+            options += [SiteParams(rule="ztest", alpha=a, samples=schedule) for a in alphas]
+        for params in options:
+            flops, damage = _replay(stats, positive, mass, sample, params)
+            out.append(_Candidate(params, (dense - flops) * scale, damage))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 3. Allocation
+# ---------------------------------------------------------------------------
+
+
+def _allocate(candidates: dict[str, list[_Candidate]], total: float, lam: float) -> Plan:
+    sites = {}
+    for name, options in candidates.items():
+        best = max(options, key=lambda c: c.saved / total - lam * c.damage)
+        sites[name] = best.params
+    return Plan(sites=sites)
+
+
+def _eligible_sites(model: torch.nn.Module, example_inputs: tuple[Any, ...],
+                    schedules: Sequence[tuple[int, ...]]) -> tuple[list[Any], dict[str, str]]:
+    """Sites that fit at least one schedule, and the signatures a plan for this model carries."""
+    report = explain(model, example_inputs)
+    shortest = min(schedule[-1] for schedule in schedules)
+    sites = [s for s in report.sites if s.structurally_eligible and (s.fan_in or 0) >= shortest]
+    return sites, report.signatures
+
+
+def _check_args(budget: float, schedules: Sequence[tuple[int, ...]]) -> None:
+    if not isinstance(budget, (int, float)) or not 0.0 <= budget < 1.0 or math.isnan(budget):
+        raise ValueError(f"budget must be an absolute metric drop in [0, 1), got {budget!r}")
+    if not schedules:
+        raise ValueError("schedules must name at least one checkpoint schedule")
+    for schedule in schedules:
+        SiteParams(samples=schedule)  # validates: positive, strictly increasing
+
+
+def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+              budget: float = 0.001, config: Config | None = None, *,
+              schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
+              max_evals: int = 12, max_neurons: int = 200_000, seed: int = 0,
+              progress: bool | None = None) -> Plan:
+    """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
+
+    Args:
+        model: an eval-mode model.
+        example_inputs: as for :func:`exfx.compile`.
+        data: held-out ``(inputs, targets)`` batches (a validation split); it is
+            read several times, so pass a list or a re-iterable loader.
+        metric: ``metric(outputs, targets) -> float``, higher is better, applied
+            once to all outputs and targets concatenated along dim 0.
+        budget: allowed absolute metric drop (0.001 = 0.1 point, 0.01 = 1 point).
+        config: unused beyond validation; kept for API symmetry with compile.
+        schedules: candidate checkpoint schedules (a site takes those that fit its fan-in).
+        alphas: candidate z-test levels.
+        max_evals: full evaluations after the baseline (the bisection budget).
+        max_neurons: neurons sampled per site by the instrumented pass.
+        seed: seeds the neuron sample; same seed and data, same plan.
+        progress: show tqdm bars (default: when attached to a terminal).
+
+    See the module docstring for the method. ``plan.meta["calibration"]`` holds
+    ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
+    ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
+    """
+    started = time.perf_counter()
+    _check_args(budget, schedules)
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
+    if max_evals < 2:
+        raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
+    example_inputs = normalise_inputs(example_inputs)
+    data = data if isinstance(data, (list, tuple)) else list(data)
+    sites, signatures = _eligible_sites(model, example_inputs, schedules)
+    baseline = evaluate(model, data, metric, desc="exfx calibrate: baseline", progress=progress)
+    evals = 1
+    if not sites:
+        return _finish(Plan(signatures=signatures), baseline, baseline, evals, started, budget, math.inf)
+    checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
+    samples = _instrument(model, example_inputs, data, sites, checkpoints, max_neurons, seed, progress)
+    candidates = {name: _candidates(sample, schedules, alphas) for name, sample in samples.items()}
+    total = float(baseline.dense)
+
+    def trial(lam: float) -> tuple[Plan, Evaluation]:
+        plan = _allocate(candidates, total, lam)
+        plan.signatures = dict(signatures)
+        compiled = exfx_compile(model, example_inputs, plan=plan)
+        return plan, evaluate(compiled, data, metric, desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
+
+    best: tuple[Plan, Evaluation, float] | None = None
+    lo, hi = math.log(1e-4), math.log(1e4)  # aggressive .. conservative
+    bar = tqdm(total=max_evals, desc="exfx calibrate: search", disable=_quiet(progress), leave=False)
+    for step in range(max_evals):
+        lam_log = hi if step == 0 else (lo if step == 1 else (lo + hi) / 2)
+        plan, result = trial(math.exp(lam_log))
+        evals += 1
+        bar.update(1)
+        feasible = baseline.score - result.score <= budget + 1e-12
+        logger.info("calibrate: lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", math.exp(lam_log),
+                    result.score, baseline.score, result.reduction, "ok" if feasible else "over budget")
+        if feasible and (best is None or result.executed < best[1].executed):
+            best = (plan, result, math.exp(lam_log))
+        if step == 0 and not feasible:
+            break  # even the most conservative allocation is over budget
+        if step == 1 and feasible:
+            break  # the most aggressive allocation fits: nothing left to search
+        if step >= 2:
+            if feasible:
+                hi = lam_log
+            else:
+                lo = lam_log
+    bar.close()
+    if best is None:
+        disabled = Plan(sites={s.name: SiteParams(enabled=False) for s in sites}, signatures=dict(signatures))
+        return _finish(disabled, baseline, baseline, evals, started, budget, math.inf)
+    return _finish(best[0], baseline, best[1], evals, started, budget, best[2])
+
+
+def _finish(plan: Plan, baseline: Evaluation, result: Evaluation, evals: int, started: float, budget: float,
+            lam: float) -> Plan:
+    plan.meta["calibration"] = {
+        "evals": evals, "seconds": time.perf_counter() - started, "baseline": baseline.score,
+        "score": result.score, "reduction": result.reduction, "budget": budget,
+        "lam": lam if math.isfinite(lam) else None,
+    }
+    return plan
+
+
+def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+                  budget: float = 0.001, *, evals: int = 120, schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
+                  seed: int = 0, progress: bool | None = None) -> Plan:
+    """Blind random search over per-site parameters (the baseline :func:`calibrate` is compared with).
+
+    Each trial gives every site, independently: disabled (probability 0.2), or a
+    random schedule with either the threshold rule (``T = -10**u``,
+    ``u ~ U(-4, 1)``) or the z-test (``alpha ~ U(0, 0.5)``). Each trial is one full
+    evaluation; the plan with the fewest executed FLOPs within ``budget`` wins.
+    ``plan.meta["calibration"]`` is filled as by :func:`calibrate`.
+    """
+    started = time.perf_counter()
+    _check_args(budget, schedules)
+    example_inputs = normalise_inputs(example_inputs)
+    data = data if isinstance(data, (list, tuple)) else list(data)
+    sites, signatures = _eligible_sites(model, example_inputs, schedules)
+    baseline = evaluate(model, data, metric, desc="exfx random search: baseline", progress=progress)
+    rng = random.Random(seed)
+    best: tuple[Plan, Evaluation] | None = None
+    for _ in tqdm(range(evals), desc="exfx random search", disable=_quiet(progress), leave=False):
+        plan = Plan(sites={s.name: _random_params(rng, s.fan_in, schedules) for s in sites},
+                    signatures=dict(signatures))
+        result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric, progress=False)
+        if baseline.score - result.score <= budget + 1e-12 and (best is None or result.executed < best[1].executed):
+            best = (plan, result)
+    if best is None:
+        disabled = Plan(sites={s.name: SiteParams(enabled=False) for s in sites}, signatures=dict(signatures))
+        return _finish(disabled, baseline, baseline, evals + 1, started, budget, math.inf)
+    return _finish(best[0], baseline, best[1], evals + 1, started, budget, math.inf)
+
+
+def _random_params(rng: random.Random, fan_in: int, schedules: Sequence[tuple[int, ...]]) -> SiteParams:
+    fitting = [s for s in schedules if s[-1] <= fan_in]
+    if not fitting or rng.random() < 0.2:
+        return SiteParams(enabled=False)
+    schedule = rng.choice(fitting)
+    if schedule[0] >= 2 and rng.random() < 0.5:
+        return SiteParams(rule="ztest", alpha=rng.uniform(0.0, 0.5), samples=schedule)
+    return SiteParams(rule="threshold", threshold=-(10 ** rng.uniform(-4, 1)), samples=schedule)

@@ -1,0 +1,131 @@
+"""Calibration (exfx.calibrate): budgets hold on the calibration data, few evaluations, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import exfx
+from exfx.calibrate import evaluate
+
+from models import VGGish
+
+CLASSES, DIM = 10, 32
+
+
+def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (outputs.argmax(-1) == targets).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def task():
+    """A small MLP trained on Gaussian clusters, and a held-out split in batches."""
+    generator = torch.Generator().manual_seed(1)
+    centers = torch.randn(CLASSES, DIM, generator=generator) * 2
+
+    def sample(n):
+        y = torch.randint(0, CLASSES, (n,), generator=generator)
+        return centers[y] + torch.randn(n, DIM, generator=generator) * 2.5, y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
+                          nn.Linear(96, CLASSES))
+    x, y = sample(4000)
+    optimiser = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(8):
+        for i in range(0, len(x), 100):
+            loss = nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    xv, yv = sample(1500)
+    data = [(xv[i:i + 250], yv[i:i + 250]) for i in range(0, len(xv), 250)]
+    return model, (xv[:4],), data
+
+
+@pytest.mark.parametrize("budget", [0.001, 0.01])
+def test_budget_holds_on_the_calibration_data(task, budget):
+    model, example, data = task
+    plan = exfx.calibrate(model, example, data, _accuracy, budget, max_evals=8)
+    meta = plan.meta["calibration"]
+    baseline = evaluate(model, data, _accuracy)
+    achieved = evaluate(exfx.compile(model, example, plan=plan), data, _accuracy)
+    assert baseline.score - achieved.score <= budget + 1e-9
+    assert meta["score"] == pytest.approx(achieved.score)
+    assert meta["reduction"] == pytest.approx(achieved.reduction)
+    assert achieved.reduction > 0.05
+    assert meta["evals"] <= 8 + 1 and meta["seconds"] > 0
+
+
+def test_looser_budget_saves_at_least_as_much(task):
+    model, example, data = task
+    tight = exfx.calibrate(model, example, data, _accuracy, 0.0, max_evals=8)
+    loose = exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=8)
+    assert loose.meta["calibration"]["reduction"] >= tight.meta["calibration"]["reduction"] - 1e-9
+
+
+def test_deterministic_under_seed(task):
+    model, example, data = task
+    first = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=6, seed=3)
+    second = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=6, seed=3)
+    assert first.sites == second.sites
+
+
+def test_plan_round_trips_and_fits_the_model(task, tmp_path):
+    model, example, data = task
+    plan = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=4)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = exfx.Plan.load(path)
+    assert loaded.sites == plan.sites
+    x = data[0][0]
+    torch.testing.assert_close(exfx.compile(model, example, plan=loaded)(x), exfx.compile(model, example, plan=plan)(x))
+
+
+def test_random_search_baseline_uses_its_evaluations(task):
+    model, example, data = task
+    plan = exfx.random_search(model, example, data, _accuracy, 0.01, evals=12, seed=0)
+    meta = plan.meta["calibration"]
+    assert meta["evals"] == 13
+    achieved = evaluate(exfx.compile(model, example, plan=plan), data, _accuracy)
+    assert evaluate(model, data, _accuracy).score - achieved.score <= 0.01 + 1e-9
+
+
+def test_conv_model_calibrates():
+    torch.manual_seed(0)
+    model = VGGish(width=16).eval()
+    x = torch.randn(24, 3, 16, 16)
+    labels = model(x).argmax(-1)
+    data = [(x[i:i + 8], labels[i:i + 8]) for i in range(0, 24, 8)]
+    plan = exfx.calibrate(model, (x[:2],), data, _accuracy, 0.05, schedules=((16,), (8, 16)), max_evals=5)
+    assert set(plan.sites) <= {"features.3", "features.7", "classifier.1"}
+    assert plan.meta["calibration"]["baseline"] - plan.meta["calibration"]["score"] <= 0.05 + 1e-9
+
+
+def test_model_without_sites_gives_an_empty_plan():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    data = [(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))]
+    plan = exfx.calibrate(model, (torch.randn(2, 4),), data, _accuracy)
+    assert plan.sites == {} and plan.meta["calibration"]["evals"] == 1
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"budget": -0.1}, ValueError, "budget"),
+    ({"budget": 1.5}, ValueError, "budget"),
+    ({"schedules": ()}, ValueError, "schedules"),
+    ({"schedules": ((32, 16),)}, ValueError, "increasing"),
+    ({"max_evals": 1}, ValueError, "max_evals"),
+])
+def test_bad_arguments(task, kwargs, error, message):
+    model, example, data = task
+    with pytest.raises(error, match=message):
+        exfx.calibrate(model, example, data, _accuracy, **kwargs)
+
+
+@pytest.mark.parametrize("data, message", [([], "empty"), ([torch.randn(3, DIM)], "pairs")])
+def test_bad_data(task, data, message):
+    model, example, _ = task
+    with pytest.raises(exfx.ExfxError, match=message):
+        exfx.calibrate(model, example, data, _accuracy)
