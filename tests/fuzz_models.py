@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
+from models import randomise_bn
+
 RELU_SPELLINGS = ("module", "module_inplace", "F.relu", "F.relu_inplace", "torch.relu", "torch.relu_",
                   "method", "method_")
 
@@ -103,7 +105,7 @@ class FuzzNet(nn.Module):
             self.head = nn.Linear(width * spatial * spatial, spec.out_features)
         else:
             self.head = nn.Linear(width, spec.out_features)
-        _randomise_bn(self, spec.seed)
+        randomise_bn(self, spec.seed, spread=0.2)
 
     def _norm(self, block: nn.ModuleDict, key: str, x: torch.Tensor) -> torch.Tensor:
         return block[key](x) if key in block else x
@@ -123,17 +125,6 @@ class FuzzNet(nn.Module):
         if self.spec.family == "cnn":
             x = x.flatten(1) if self.spec.head == "flatten" else F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.head(x)
-
-
-def _randomise_bn(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
 
 
 def build(spec: Spec) -> tuple[nn.Module, torch.Tensor]:

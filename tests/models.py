@@ -37,19 +37,20 @@ class FunctionalMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(F.linear(x, self.w1, self.b1))
-        h = torch.relu(h @ self.w2.t() + self.b2) if False else F.relu(F.linear(h, self.w2, self.b2))
+        h = F.relu(F.linear(h, self.w2, self.b2))
         return h @ self.w3
 
 
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomise_bn(model: nn.Module, seed: int = 0, spread: float = 0.1) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=generator) * spread)
             m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
             m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+            m.bias.data.copy_(torch.randn(n, generator=generator) * spread)
     return model
 
 
@@ -68,7 +69,7 @@ class VGGish(nn.Module):
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 4 * 4, 64), nn.ReLU(), nn.Dropout(),
                                         nn.Linear(64, classes))
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -102,7 +103,7 @@ class ResNetish(nn.Module):
         self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
         self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
         self.fc = nn.Linear(2 * width, classes)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

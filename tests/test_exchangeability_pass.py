@@ -15,7 +15,7 @@ import exfx
 from exfx.capture import capture
 from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
 from exfx.passes.canonicalize_pass import is_relu
-from models import GCN, MLP, BasicBlock, FunctionalMLP, OPTBlockLM, ResNetish, VGGish, _randomise_bn
+from models import GCN, MLP, BasicBlock, FunctionalMLP, OPTBlockLM, ResNetish, VGGish, randomise_bn
 
 CFG8 = exfx.Config(samples=8)
 
@@ -176,7 +176,7 @@ class FlippedNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.block = FlippedBlock(16, 32, 2)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(F.relu(self.stem(x)))

@@ -15,7 +15,7 @@ import exfx
 from exfx.capture import capture
 from exfx.passes import CanonicalizePass, FoldBatchNormPass
 from exfx.passes.canonicalize_pass import is_producer
-from models import ResNetish, VGGish, _randomise_bn
+from models import ResNetish, VGGish, randomise_bn
 
 
 def prepare(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
@@ -57,7 +57,7 @@ class ConvBN(nn.Module):
         conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
         self.conv = conv(4, 6, 3, padding=1, bias=bias)
         self.bn = bn(6)
-        _randomise_bn(self, seed=3)
+        randomise_bn(self, seed=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
@@ -69,7 +69,7 @@ class LinearBN(nn.Module):
         self.fc = nn.Linear(5, 7)
         self.bn = nn.BatchNorm1d(7, affine=affine)
         if affine:
-            _randomise_bn(self, seed=4)
+            randomise_bn(self, seed=4)
         else:
             self.bn.running_mean.copy_(torch.randn(7))
             self.bn.running_var.copy_(torch.rand(7) + 0.5)
@@ -169,7 +169,7 @@ class BNAfterRelu(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(F.relu(self.conv(x)))
@@ -179,7 +179,7 @@ class ProducerUsedTwice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
@@ -191,7 +191,7 @@ class SharedWeight(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 4))
         self.bn = nn.BatchNorm1d(4)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(F.linear(x, self.w)) + F.linear(x, self.w)
@@ -214,7 +214,7 @@ class LinearBN3d(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(3)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.fc(x))
@@ -255,7 +255,7 @@ def test_unfolded_batchnorm_before_relu_is_not_a_site() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.stem, self.conv, self.bn = nn.Conv2d(3, 40, 3), nn.Conv2d(40, 40, 3), nn.BatchNorm2d(40)
-            _randomise_bn(self)
+            randomise_bn(self)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.conv(F.relu(self.stem(x)))
@@ -286,7 +286,7 @@ class TiedModuleBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.fc(x)) + self.fc(x)
