@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BasicBlock", "ResNet18", "resnet18_cifar"]
+__all__ = ["BasicBlock", "ResNet18", "VGG11", "resnet18_cifar", "build_model", "MODELS"]
 
 
 class BasicBlock(nn.Module):
@@ -54,3 +54,35 @@ def resnet18_cifar() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A factory for the ``exfx`` command: random-init ResNet-18, batch of 2 CIFAR-sized images."""
     torch.manual_seed(0)
     return ResNet18().eval(), (torch.randn(2, 3, 32, 32),)
+
+
+class VGG11(nn.Module):
+    """VGG-11 for 32x32 inputs with BatchNorm after every conv, as the paper's CIFAR VGG-11 (base width 64)."""
+
+    PLAN = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
+
+    def __init__(self, in_channels: int = 3, classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for item in self.PLAN:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            cout = width * int(item)
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+#: name -> (constructor taking in_channels, classes, width; input side)
+MODELS = {"vgg11": (VGG11, 32), "resnet18": (ResNet18, 32)}
+
+
+def build_model(name: str, width: int, in_channels: int = 1, classes: int = 10) -> nn.Module:
+    constructor, _ = MODELS[name]
+    return constructor(in_channels=in_channels, classes=classes, width=width)
