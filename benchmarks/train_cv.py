@@ -68,7 +68,7 @@ def train(model: nn.Module, side: int, epochs: int, batch: int, lr: float, seed:
             optimiser.step()
             schedule.step()
         val = accuracy(model, *data.val, side)
-        logger.info("epoch %d/%d: loss %.4f, validation accuracy %.4f (%.0f s)", epoch + 1, epochs, float(loss), val,
+        logger.info("epoch %d/%d: loss %.4f, validation accuracy %.4f (%.0f s)", epoch + 1, epochs, loss.item(), val,
                     time.perf_counter() - started)
     model.eval()
     return {"val_accuracy": accuracy(model, *data.val, side), "test_accuracy": accuracy(model, *data.test, side)}

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import exfx
-from exfx.calibrate import evaluate
+from exfx.calibrate import evaluate, oracle
 
 from models import VGGish
 
@@ -129,3 +129,21 @@ def test_bad_data(task, data, message):
     model, example, _ = task
     with pytest.raises(exfx.ExfxError, match=message):
         exfx.calibrate(model, example, data, _accuracy)
+
+
+def test_oracle_bound_skips_exactly_the_non_positive_neurons(task):
+    model, example, data = task
+    bound = oracle(model, example, data, _accuracy, samples=32)
+    baseline = evaluate(model, data, _accuracy)
+    assert bound.score == baseline.score and bound.dense == baseline.dense
+    # By hand: each non-positive pre-activation of the two sites (96 units, stop at 32) skips 64 multiply-adds.
+    net = list(model)
+    skipped = 0
+    with torch.no_grad():
+        for x, _ in data:
+            h1 = torch.relu(net[0](x))
+            z2 = net[2](h1)
+            z3 = net[4](torch.relu(z2))
+            skipped += int((z2 <= 0).sum() + (z3 <= 0).sum()) * (96 - 32) * 2
+    assert bound.executed == baseline.dense - skipped
+    assert 0 < bound.reduction < 1
