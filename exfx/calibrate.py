@@ -58,7 +58,7 @@ from exfx.ops import enp_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "random_search", "evaluate", "oracle", "Evaluation", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
+__all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
 
 Metric = Callable[[Any, Any], float]
 Batch = Any
@@ -80,10 +80,37 @@ class Evaluation:
     score: float
     executed: int
     dense: int
+    outputs: Any = field(default=None, repr=False)  # all outputs and targets, concatenated along dim 0
+    targets: Any = field(default=None, repr=False)
 
     @property
     def reduction(self) -> float:
         return 1.0 - self.executed / self.dense if self.dense else 0.0
+
+
+def _select(value: Any, index: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select(v, index) for v in value)
+    raise ExfxError(f"confidence needs tensor outputs and targets to resample, got {type(value).__name__}")
+
+
+def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confidence: float, rounds: int = 200,
+               seed: int = 0) -> float:
+    """Upper ``confidence`` quantile of the metric drop under a paired bootstrap over the examples.
+
+    Both models are scored on the same resampled examples, so the bound reflects
+    how many predictions changed, not just the net change.
+    """
+    count = len(baseline.targets) if not isinstance(baseline.targets, (tuple, list)) else len(baseline.targets[0])
+    generator = torch.Generator().manual_seed(seed)
+    drops = []
+    for _ in range(rounds):
+        index = torch.randint(0, count, (count,), generator=generator)
+        drops.append(float(metric(_select(baseline.outputs, index), _select(baseline.targets, index)))
+                     - float(metric(_select(result.outputs, index), _select(result.targets, index))))
+    return float(torch.tensor(drops).quantile(confidence))
 
 
 def _split(batch: Batch) -> tuple[tuple[Any, ...], Any]:
@@ -115,7 +142,9 @@ def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, 
         dense += flops.dense
     if not outputs:
         raise ExfxError("calibration data is empty")
-    return Evaluation(score=float(metric(_concat(outputs), _concat(targets))), executed=executed, dense=dense)
+    outputs, targets = _concat(outputs), _concat(targets)
+    return Evaluation(score=float(metric(outputs, targets)), executed=executed, dense=dense, outputs=outputs,
+                      targets=targets)
 
 
 def _quiet(progress: bool | None) -> bool | None:
@@ -329,7 +358,7 @@ def _check_args(budget: float, schedules: Sequence[tuple[int, ...]]) -> None:
 def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
               budget: float = 0.001, config: Config | None = None, *,
               schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
-              max_evals: int = 12, max_neurons: int = 200_000, seed: int = 0,
+              max_evals: int = 12, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
               progress: bool | None = None) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
@@ -346,7 +375,11 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         alphas: candidate z-test levels.
         max_evals: full evaluations after the baseline (the bisection budget).
         max_neurons: neurons sampled per site by the instrumented pass.
-        seed: seeds the neuron sample; same seed and data, same plan.
+        seed: seeds the neuron sample (and the bootstrap); same seed and data, same plan.
+        confidence: if set (e.g. 0.95), a plan must also keep the upper
+            ``confidence`` quantile of its drop under a paired bootstrap of the
+            examples within ``budget``: a guard against a small calibration set
+            that happens to hide flipped predictions. Default: the plain drop.
         progress: show tqdm bars (default: when attached to a terminal).
 
     See the module docstring for the method. ``plan.meta["calibration"]`` holds
@@ -359,6 +392,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     if max_evals < 2:
         raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
+    if confidence is not None and not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
     sites, signatures = _eligible_sites(model, example_inputs, schedules)
@@ -385,7 +420,10 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         plan, result = trial(math.exp(lam_log))
         evals += 1
         bar.update(1)
-        feasible = baseline.score - result.score <= budget + 1e-12
+        drop = baseline.score - result.score
+        if confidence is not None:
+            drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
+        feasible = drop <= budget + 1e-12
         logger.info("calibrate: lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", math.exp(lam_log),
                     result.score, baseline.score, result.reduction, "ok" if feasible else "over budget")
         if feasible and (best is None or result.executed < best[1].executed):

@@ -8,6 +8,7 @@ Usage::
     exfx graph   [SPEC] [--plan plan.json]      # the rewritten graph as stable text
     exfx diff    [SPEC]                         # unified diff original -> rewritten, one line per site
     exfx check   SPEC GOLDEN [--update] [--structural]   # exit 0 if the graph matches, 1 with a diff if not
+    exfx demo    [--out exfx-demo] [--budget 0.01]       # calibrate + compile a trained CNN on real images
 
 ``--format markdown`` (graph, diff, check) prints a block suited to a pull-request comment.
 
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         "diff": "show a unified diff between the original and the rewritten graph",
         "check": "compare the rewritten graph with a golden file: exit 0 if equal, 1 with a diff if not",
     }
+    demo = sub.add_parser("demo", help="calibrate and compile the bundled trained CNN on 1,000 Fashion-MNIST images",
+                          description="calibrate and compile the bundled trained CNN on 1,000 Fashion-MNIST images")
+    demo.add_argument("--out", default="exfx-demo", help="output folder (default exfx-demo)")
+    demo.add_argument("--budget", type=float, default=0.01, help="allowed accuracy drop (0.01 = 1 point)")
     for name, help_text in commands.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == "check":
@@ -140,6 +145,11 @@ def _graph_commands(args: argparse.Namespace, model: torch.nn.Module, inputs: tu
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from exfx.demo import run_demo
+
+        print(run_demo(args.out, args.budget)[1])
+        return 0
     model, inputs = load_spec(args.spec)
     config = _config(args)
     plan = exfx.Plan.load(args.plan) if args.plan else None
