@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from exfx import graphdiff
+from exfx import graphdiff, pareto
 from exfx.api import compile as exfx_compile
 from exfx.api import explain
-from exfx.calibrate import DEFAULT_SCHEDULES, Evaluation, calibrate, evaluate, oracle
+from exfx.calibrate import DEFAULT_SCHEDULES, calibrate, evaluate, oracle
 from exfx.capture import capture
-from exfx.config import Config
 from exfx.examples import SmallCNN
 
 logger = logging.getLogger(__name__)
@@ -37,8 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_demo", "load_demo_model", "load_demo_images"]
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set statistics, as in benchmarks/data.py
-THRESHOLDS = (-0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01)
-ALPHAS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5)
 #: 500 calibration images are few: a plan must fit the budget at this bootstrap confidence, not just on average.
 CONFIDENCE = 0.99
 #: The oracle stops negative neurons at the smallest checkpoint calibration may use.
@@ -75,42 +72,6 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> list[tuple[to
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
-def _sweep(model: torch.nn.Module, example: tuple[Any, ...], data: list[Any]) -> dict[str, list[tuple[float, float]]]:
-    """(executed FLOPs per image, accuracy) for uniform settings of each rule."""
-    images = sum(len(b[1]) for b in data)
-    curves: dict[str, list[tuple[float, float]]] = {"threshold": [], "ztest": []}
-    settings = [("threshold", Config(threshold=t)) for t in THRESHOLDS]
-    settings += [("ztest", Config(rule="ztest", alpha=a)) for a in ALPHAS]
-    for rule, config in settings:
-        result = evaluate(exfx_compile(model, example, config), data, _accuracy, progress=False)
-        curves[rule].append((result.executed / images, result.score))
-    return curves
-
-
-def _plot(path: Path, curves: dict[str, list[tuple[float, float]]], dense: Evaluation, calibrated: Evaluation,
-          bound: Evaluation, images: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rule, marker in (("threshold", "o-"), ("ztest", "s-")):
-        points = sorted(curves[rule])
-        ax.plot([p[0] / 1e6 for p in points], [100 * p[1] for p in points], marker, label=f"{rule} (uniform)", ms=4)
-    ax.plot(dense.executed / images / 1e6, 100 * dense.score, "k^", ms=9, label="dense")
-    ax.plot(calibrated.executed / images / 1e6, 100 * calibrated.score, "r*", ms=14, label="calibrated plan")
-    ax.plot(bound.executed / images / 1e6, 100 * bound.score, "gD", ms=8, label="oracle bound")
-    ax.set_xlabel("executed MFLOPs per image (2 per multiply-add, test overhead included)")
-    ax.set_ylabel("accuracy on images 500-999 (%)")
-    ax.set_title("exfx demo: SmallCNN on Fashion-MNIST")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[str, Any], str]:
     """Run the demo and write the output folder; returns the summary and the report text."""
     started = time.perf_counter()
@@ -132,9 +93,8 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
                  f"(at {100 * CONFIDENCE:g}% bootstrap confidence): "
           f"{plan.meta['calibration']['evals']} evaluations, {plan.meta['calibration']['seconds']:.1f} s")
     for site, params in plan.sites.items():
-        setting = ("disabled" if not params.enabled else
-                   f"{params.rule} {'T=%.4g' % params.threshold if params.rule == 'threshold' else 'alpha=%g' % params.alpha}"
-                   f", samples {','.join(map(str, params.samples))}")
+        value = f"T={params.threshold:.4g}" if params.rule == "threshold" else f"alpha={params.alpha:g}"
+        setting = f"{params.rule} {value}, samples {','.join(map(str, params.samples))}" if params.enabled else "disabled"
         lines.append(f"  {site:<14} {setting}")
     lines.append("\nreported on images 500-999:")
     lines.append(f"  accuracy  dense {100 * dense.score:.2f}%  ->  exfx {100 * calibrated.score:.2f}%")
@@ -142,7 +102,10 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
           f"{calibrated.executed / images / 1e6:.2f} M/image ({100 * calibrated.reduction:.1f}% saved; "
           f"oracle bound {100 * bound.reduction:.1f}%: every non-positive neuron stops after {ORACLE_SAMPLES} units)")
 
-    _plot(out / "pareto.png", _sweep(model, example, held_out), dense, calibrated, bound, images)
+    curves = pareto.sweep(model, example, held_out, _accuracy)
+    pareto.plot(out / "pareto.png", "exfx demo: SmallCNN on Fashion-MNIST", curves,
+                {"dense": dense, "calibrated plan": calibrated, "oracle bound": bound}, images,
+                "accuracy on images 500-999")
     plan.save(out / "plan.json")
     diff = graphdiff.unified_diff(graphdiff.graph_text(capture(model, example)), graphdiff.graph_text(compiled))
     (out / "graph_diff.txt").write_text("\n".join(graphdiff.site_summary(compiled.meta["exfx_report"])) + "\n" + diff)

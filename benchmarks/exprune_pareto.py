@@ -1,0 +1,41 @@
+"""Pareto plots for the reproduction table: test metric against executed FLOPs, both rules, the oracle point.
+
+Run after the table:  python -m benchmarks.exprune_pareto
+
+For each model in benchmarks/results/exprune.json it sweeps each rule uniformly
+over all sites (descriptive curves, nothing is selected here), and marks the
+dense model, the table's two calibrated plans and the oracle bound, all on the
+test split. Writes benchmarks/results/pareto_<model>.png.
+"""
+
+from __future__ import annotations
+
+import json
+
+import exfx
+from benchmarks.exprune_table import BENCHMARKS, ORACLE_SAMPLES, RESULTS
+from exfx import pareto
+from exfx.calibrate import evaluate, oracle
+
+
+def main() -> None:
+    records = json.loads((RESULTS / "exprune.json").read_text())
+    for record in records:
+        bench = BENCHMARKS[record["model"]]()
+        examples = sum(len(t) for _, t in bench.test)
+        points = {"dense": evaluate(bench.model, bench.test, bench.metric)}
+        for key, label in (("0p1", "calibrated, ≤0.1 pt on validation"), ("1p0", "calibrated, ≤1 pt on validation")):
+            plan = exfx.Plan.from_dict(record[f"plan_{key}"])
+            points[label] = evaluate(exfx.compile(bench.model, bench.example_inputs, plan=plan), bench.test,
+                                     bench.metric)
+        points["oracle bound"] = oracle(bench.model, bench.example_inputs, bench.test, bench.metric,
+                                        samples=ORACLE_SAMPLES)
+        curves = pareto.sweep(bench.model, bench.example_inputs, bench.test, bench.metric)
+        path = RESULTS / f"pareto_{record['model']}.png"
+        pareto.plot(path, f"exfx: {record['model']} ({bench.note.split(',')[0]})", curves, points, examples,
+                    f"test {record['metric']}")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
