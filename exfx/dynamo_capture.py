@@ -91,38 +91,44 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
                        ) -> tuple[fx.GraphModule, list[int], list[str]]:
     """Turn Dynamo's lifted parameter inputs back into ``get_attr`` nodes with their dotted paths.
 
+    The inputs left are named after the local variables they come from (``x``,
+    not Dynamo's ``L_x_``), so that ``hidden_inputs`` and error messages use the
+    names of ``forward``'s arguments.
+
     Returns the new GraphModule (eval mode), the indices of the inputs it still
     takes, and the names of those inputs that carry hidden activations: in a
     graph-break resume frame, the locals that are not the model's own inputs.
     """
-    model_inputs = _model_input_names()
-    hidden: list[str] = []
-    root = torch.nn.Module()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
-        raise ExfxError(f"exfx backend: graph has {len(placeholders)} inputs but got {len(example_inputs)} examples")
-    kept: list[int] = []
-    # Work on a copy: Dynamo reads the graph it handed over to decide what to pass at run time.
-    graph = fx.Graph()
-    copies: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, copies))
-    placeholders = [copies[n] for n in placeholders]
-    first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        path, is_state = _source_path(getattr(grapharg, "source", None)) if grapharg is not None else ("", False)
-        if not (is_state and path and isinstance(value, torch.Tensor)):
-            kept.append(index)
-            local = getattr(getattr(grapharg, "source", None), "local_name", None)
-            if model_inputs is not None and local and local not in model_inputs and isinstance(value, torch.Tensor):
-                hidden.append(str(node.target))
-            continue
-        _set_tensor(root, path, value)
-        with graph.inserting_before(first_real):
-            attr = graph.get_attr(path)
-        attr.meta.update({k: v for k, v in node.meta.items() if k != "grapharg"})
-        node.replace_all_uses_with(attr)
-        graph.erase_node(node)
+        raise ExfxError(f"exfx: the Dynamo graph has {len(placeholders)} inputs but came with "
+                        f"{len(example_inputs)} example inputs")
+    sources = [getattr(node.meta.get("grapharg"), "source", None) for node in placeholders]
+    state: dict[int, str] = {}
+    for index, (source, value) in enumerate(zip(sources, example_inputs)):
+        path, is_state = _source_path(source) if source is not None else ("", False)
+        if is_state and path and isinstance(value, torch.Tensor):
+            state[index] = path
+    kept = [i for i in range(len(placeholders)) if i not in state]
+
+    model_inputs = _model_input_names()
+    root = torch.nn.Module()
+    graph = fx.Graph()  # a new graph: Dynamo reads the one it handed over to decide what to pass at run time
+    env: dict[fx.Node, fx.Node] = {}
+    hidden: list[str] = []
+    for index in kept:
+        node, value = placeholders[index], example_inputs[index]
+        local = getattr(sources[index], "local_name", None)
+        name = local if isinstance(local, str) and local.isidentifier() else str(node.target)
+        env[node] = graph.placeholder(name, type_expr=node.type)
+        env[node].meta.update(node.meta)
+        if model_inputs is not None and local and local not in model_inputs and isinstance(value, torch.Tensor):
+            hidden.append(str(env[node].target))
+    for index, path in state.items():
+        _set_tensor(root, path, example_inputs[index])
+        env[placeholders[index]] = graph.get_attr(path)
+        env[placeholders[index]].meta.update({k: v for k, v in placeholders[index].meta.items() if k != "grapharg"})
+    graph.output(graph.graph_copy(gm.graph, env))
     _check_inference(graph)
     recovered = fx.GraphModule(root, graph, "ExfxDynamoGraph").eval()
     recovered.graph.lint()

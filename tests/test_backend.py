@@ -172,3 +172,30 @@ def test_backend_registered_by_entry_point_without_importing_exfx():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(TESTS))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "True"  # loaded through the entry point, not by the caller
+
+
+# ---------------------------------------------------------------------------
+# Dynamo capture (exfx.compile(..., capture="dynamo"), the fallback) and recover_parameters
+# ---------------------------------------------------------------------------
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(features)))
+
+
+NEVER = exfx.Config(threshold=float("-inf"), samples=16)
+
+
+def test_dynamo_capture_names_inputs_after_forward_arguments():
+    torch.manual_seed(0)
+    model, features = Head().eval(), torch.randn(4, 64)
+    gm = exfx.compile(model, (features,), NEVER, capture="dynamo", hidden_inputs=["features"])
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["features"]
+    assert gm.meta["exfx_report"].site("fc2").eligible  # hidden_inputs names forward()'s argument
+    report = exfx.explain(model, (features,), capture="dynamo")
+    assert report.site("fc2").reason == "contraction axis is a model input (`features`)"
