@@ -100,8 +100,11 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     plan, config, inner = _resolve_options(options, plan, config, inner)
     exfx_gm, kept, hidden = recover_parameters(gm, example_inputs)
     inputs = [example_inputs[i] for i in kept]
-    compiled = exfx_compile(exfx_gm, inputs, config, _plan_for_graph(plan, exfx_gm, inputs, config, hidden),
-                            hidden_inputs=hidden)
+    # Outside Dynamo's tracing context: there, shape propagation would run on Dynamo's fake tensors, and
+    # exfx reading a symbolic batch size as a number would make Dynamo specialise (and recompile) every size.
+    with torch._guards.tracing(None):
+        compiled = exfx_compile(exfx_gm, inputs, config, _plan_for_graph(plan, exfx_gm, inputs, config, hidden),
+                                hidden_inputs=hidden)
     report = compiled.meta.get("exfx_report")
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
                 len(report.eligible) if report else 0, len(compiled.graph.nodes))

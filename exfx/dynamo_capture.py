@@ -57,6 +57,14 @@ def _source_path(source: Any) -> tuple[str, bool]:
     return ".".join(reversed(parts)), is_state
 
 
+def _size_of(source: Any) -> tuple[Any, int] | None:
+    """``(tensor source, dim)`` when ``source`` denotes one dimension's size of a tensor."""
+    prop = getattr(source, "prop", None)
+    if type(source).__name__ == "TensorPropertySource" and getattr(prop, "name", None) == "SIZE":
+        return source.base, int(source.idx)
+    return None
+
+
 def _set_tensor(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
     *modules, leaf = path.split(".")
     owner = root
@@ -91,8 +99,10 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
                        ) -> tuple[fx.GraphModule, list[int], list[str]]:
     """Turn Dynamo's lifted parameter inputs back into ``get_attr`` nodes with their dotted paths.
 
-    The inputs left are named after the local variables they come from (``x``,
-    not Dynamo's ``L_x_``), so that ``hidden_inputs`` and error messages use the
+    A symbolic size input (``s0``, the batch size of ``x``) becomes ``x.size(0)``
+    when its tensor is an input too, so the graph runs on tensors alone. The
+    inputs left are named after the local variables they come from (``x``, not
+    Dynamo's ``L_x_``), so that ``hidden_inputs`` and error messages use the
     names of ``forward``'s arguments.
 
     Returns the new GraphModule (eval mode), the indices of the inputs it still
@@ -109,7 +119,14 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
         path, is_state = _source_path(source) if source is not None else ("", False)
         if is_state and path and isinstance(value, torch.Tensor):
             state[index] = path
-    kept = [i for i in range(len(placeholders)) if i not in state]
+    tensors = {source: index for index, (source, value) in enumerate(zip(sources, example_inputs))
+               if source is not None and isinstance(value, torch.Tensor)}
+    sizes: dict[int, tuple[int, int]] = {}
+    for index, (source, value) in enumerate(zip(sources, example_inputs)):
+        size = _size_of(source) if not isinstance(value, torch.Tensor) else None
+        if size is not None and size[0] in tensors:
+            sizes[index] = (tensors[size[0]], size[1])
+    kept = [i for i in range(len(placeholders)) if i not in state and i not in sizes]
 
     model_inputs = _model_input_names()
     root = torch.nn.Module()
@@ -128,6 +145,8 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
         _set_tensor(root, path, example_inputs[index])
         env[placeholders[index]] = graph.get_attr(path)
         env[placeholders[index]].meta.update({k: v for k, v in placeholders[index].meta.items() if k != "grapharg"})
+    for index, (tensor, dim) in sizes.items():
+        env[placeholders[index]] = graph.call_method("size", (env[placeholders[tensor]], dim))
     graph.output(graph.graph_copy(gm.graph, env))
     _check_inference(graph)
     recovered = fx.GraphModule(root, graph, "ExfxDynamoGraph").eval()

@@ -179,6 +179,18 @@ def test_backend_registered_by_entry_point_without_importing_exfx():
 # ---------------------------------------------------------------------------
 
 
+class Flattening(nn.Module):
+    """Reads the batch size (`x.size(0)`), as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x)).view(x.size(0), -1)
+        return self.fc3(F.relu(self.fc2(h)))
+
+
 class Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -199,3 +211,26 @@ def test_dynamo_capture_names_inputs_after_forward_arguments():
     assert gm.meta["exfx_report"].site("fc2").eligible  # hidden_inputs names forward()'s argument
     report = exfx.explain(model, (features,), capture="dynamo")
     assert report.site("fc2").reason == "contraction axis is a model input (`features`)"
+
+
+def test_backend_graph_takes_tensors_and_keeps_the_batch_size_symbolic():
+    """With dynamic shapes Dynamo passes the batch size as a SymInt input; the exfx graph reads it from x.
+    exfx's shape propagation used to run on Dynamo's fake tensors and specialise it: every size recompiled."""
+    torch.manual_seed(0)
+    model = Flattening().eval()
+    config = exfx.Config(threshold=0.0, samples=16)
+    reference = exfx.compile(model, (torch.randn(4, 16),), config)
+    graphs = []
+
+    def spy(gm, inputs):
+        fn = exfx.backend(config=config, inner="eager")(gm, inputs)
+        graphs.append(fn.exfx_graph)
+        return fn
+
+    compiled = torch.compile(model, backend=spy, dynamic=True)
+    with torch.no_grad():
+        for batch in (4, 7, 5):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert [[n.target for n in g.graph.nodes if n.op == "placeholder"] for g in graphs] == [["x"]]  # one graph
+    assert graphs[0].meta["exfx_report"].site("fc2").eligible
