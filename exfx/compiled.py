@@ -1,17 +1,26 @@
 """The module :func:`exfx.compile` returns: a ``torch.fx.GraphModule`` that fails clearly.
 
 :class:`CompiledModule` is a GraphModule (it prints, re-traces, exports and runs
-under ``torch.compile`` like any other). Calling it checks the inputs against the
-example inputs it was compiled with: the number of inputs, and each tensor's
-device, dtype and rank. Any other failure while running (a wrong feature size,
-say) is re-raised as :class:`~exfx.errors.UnsupportedModelError` that shows the
-example and actual input shapes, with torch's own message and the original
-exception chained, instead of a bare traceback from deep inside torch.
+under ``torch.compile`` like any other). Calling it, positionally or by input
+name, checks the inputs against the example inputs it was compiled with: their
+names and number, and each tensor's device, dtype and rank. Any other failure
+while running (a wrong feature size, say) is re-raised as
+:class:`~exfx.errors.UnsupportedModelError` that shows the example and actual
+inputs, with the first line of torch's message and the original exception
+chained, instead of a bare traceback from deep inside torch.
+
+Example::
+
+    >>> gm = exfx.compile(model, (x,))
+    >>> gm(x.double())
+    UnsupportedModelError: input 'x' has dtype torch.float64 (compiled for torch.float32); ...
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +52,28 @@ class InputSpec:
     def describe(self) -> str:
         if self.shape is None:
             return f"{self.name}: non-tensor"
-        return f"{self.name}: {str(self.dtype).replace('torch.', '')}{list(self.shape)} on {self.device}"
+        return f"{self.name}: {_describe(self.dtype, self.shape, self.device)}"
+
+    def problems(self, value: torch.Tensor) -> list[str]:
+        """How ``value`` differs from what this input must be (empty when it fits)."""
+        assert self.shape is not None
+        problems = []
+        if value.device != self.device:
+            problems.append(f"device {value.device} (compiled for {self.device})")
+        if value.dtype != self.dtype:
+            problems.append(f"dtype {value.dtype} (compiled for {self.dtype})")
+        if value.dim() != len(self.shape):
+            problems.append(f"{value.dim()} dims (compiled for {len(self.shape)})")
+        return problems
 
 
-def _describe(value: Any) -> str:
+def _describe(dtype: torch.dtype | None, shape: Any, device: torch.device | None) -> str:
+    return f"{str(dtype).replace('torch.', '')}{list(shape)} on {device}"
+
+
+def _describe_value(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)} on {value.device}"
+        return _describe(value.dtype, value.shape, value.device)
     return type(value).__name__
 
 
@@ -58,39 +83,74 @@ class CompiledModule(fx.GraphModule):
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
         super().__init__(gm, gm.graph, gm.__class__.__name__)
         self.meta.update(gm.meta)
-        names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
-        self.exfx_inputs = tuple(InputSpec.of(name, value) for name, value in zip(names, example_inputs))
-
-    def _check_inputs(self, args: tuple[Any, ...]) -> None:
-        specs = self.exfx_inputs
-        if len(args) != len(specs):
-            raise UnsupportedModelError(f"the compiled module takes {len(specs)} positional inputs "
-                                        f"({', '.join(s.name for s in specs)}), got {len(args)}")
-        for spec, value in zip(specs, args):
-            if spec.shape is None or not isinstance(value, torch.Tensor):
+        specs: list[InputSpec] = []
+        examples = list(example_inputs)
+        for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+            name = str(node.target)
+            if name.startswith("**"):
                 continue
-            problems = []
-            if value.device != spec.device:
-                problems.append(f"device {value.device} (compiled for {spec.device})")
-            if value.dtype != spec.dtype:
-                problems.append(f"dtype {value.dtype} (compiled for {spec.dtype})")
-            if value.dim() != len(spec.shape):
-                problems.append(f"{value.dim()} dims (compiled for {len(spec.shape)})")
+            if name.startswith("*"):  # *args takes the remaining example inputs
+                specs += [InputSpec.of(f"{name[1:]}[{i}]", value) for i, value in enumerate(examples)]
+                break
+            if not examples:
+                break
+            specs.append(InputSpec.of(name, examples.pop(0)))
+        self.exfx_inputs = tuple(specs)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Input name -> value, as ``forward`` would bind them; an exfx error when it would not."""
+        signature = inspect.signature(self.forward)
+        parameters = signature.parameters
+        kinds = {p.kind for p in parameters.values()}
+        if inspect.Parameter.VAR_POSITIONAL not in kinds and len(args) > len(parameters):
+            raise UnsupportedModelError(f"the compiled module takes {len(parameters)} positional inputs "
+                                        f"({', '.join(parameters)}), got {len(args)}")
+        unknown = [name for name in kwargs if name not in parameters]
+        if unknown and inspect.Parameter.VAR_KEYWORD not in kinds:
+            problem = f"no input named {', '.join(map(repr, unknown))}"
+        else:
+            try:
+                bound = signature.bind(*args, **kwargs)
+                problem = ""
+            except TypeError as err:
+                problem = str(err)
+        if problem:
+            raise UnsupportedModelError(f"the compiled module cannot take these inputs ({problem}); it takes "
+                                        f"{', '.join(parameters)}, like the example inputs "
+                                        f"[{'; '.join(s.describe() for s in self.exfx_inputs)}]")
+        values = {}
+        for name, value in bound.arguments.items():
+            if parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+                values.update({f"{name}[{i}]": v for i, v in enumerate(value)})
+            else:
+                values[name] = value
+        return values
+
+    def _check_inputs(self, values: Mapping[str, Any]) -> None:
+        for spec in self.exfx_inputs:
+            if spec.shape is None or spec.name not in values:
+                continue
+            value = values[spec.name]
+            if not isinstance(value, torch.Tensor):
+                raise UnsupportedModelError(f"input {spec.name!r} is a {type(value).__name__}, not a tensor; call the "
+                                            f"compiled module with inputs like the example: {spec.describe()}")
+            problems = spec.problems(value)
             if problems:
                 raise UnsupportedModelError(f"input {spec.name!r} has {', '.join(problems)}; "
                                             f"call the compiled module with inputs like the example: {spec.describe()}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs:
-            self._check_inputs(args)
+        values = self._bind(args, kwargs)
+        self._check_inputs(values)
         try:
             return super().__call__(*args, **kwargs)
         except ExfxError:
             raise
         except (RuntimeError, ValueError, IndexError) as err:
-            first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            message = str(err).strip()
+            first_line = message.splitlines()[0] if message else type(err).__name__
             expected = "; ".join(s.describe() for s in self.exfx_inputs)
-            given = "; ".join(_describe(a) for a in args)
+            given = "; ".join(f"{name}: {_describe_value(value)}" for name, value in values.items())
             raise UnsupportedModelError(
                 f"the compiled module failed on inputs [{given}]: {first_line}. It was compiled for example "
                 f"inputs [{expected}]; only the batch size (and sizes the model itself allows) may differ") from err
