@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CompiledModule", "InputSpec"]
 
+_SPECS_META = "exfx_inputs"
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -95,7 +97,13 @@ class CompiledModule(fx.GraphModule):
             if not examples:
                 break
             specs.append(InputSpec.of(name, examples.pop(0)))
-        self.exfx_inputs = tuple(specs)
+        # In meta, not an attribute: GraphModule's deepcopy re-runs only GraphModule.__init__, but copies meta.
+        self.meta[_SPECS_META] = tuple(specs)
+
+    @property
+    def exfx_inputs(self) -> tuple[InputSpec, ...]:
+        """One :class:`InputSpec` per example input, in order."""
+        return self.meta.get(_SPECS_META, ())
 
     def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Input name -> value, as ``forward`` would bind them; an exfx error when it would not."""

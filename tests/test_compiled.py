@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -75,3 +76,12 @@ def test_variadic_forward_takes_every_example_input():
         torch.testing.assert_close(gm(x, shift), model(x, shift), rtol=1e-5, atol=1e-5)
     with pytest.raises(exfx.UnsupportedModelError, match=r"input 'inputs\[1\]' has dtype torch.float64"):
         gm(x, shift.double())
+
+
+def test_a_deep_copy_keeps_the_checks(compiled):
+    _, x, shift, gm = compiled
+    twin = copy.deepcopy(gm)
+    torch.testing.assert_close(twin(x, shift), gm(x, shift))
+    assert twin.exfx_inputs == gm.exfx_inputs
+    with pytest.raises(exfx.UnsupportedModelError, match="dtype torch.float64"):
+        twin(x.double(), shift)
