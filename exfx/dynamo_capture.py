@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,15 +96,16 @@ def _model_input_names() -> set[str] | None:
     return set(inspect.signature(owner.forward).parameters)
 
 
-def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
+def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None
                        ) -> tuple[fx.GraphModule, list[int], list[str]]:
     """Turn Dynamo's lifted parameter inputs back into ``get_attr`` nodes with their dotted paths.
 
     A symbolic size input (``s0``, the batch size of ``x``) becomes ``x.size(0)``
     when its tensor is an input too, so the graph runs on tensors alone. The
     inputs left are named after the local variables they come from (``x``, not
-    Dynamo's ``L_x_``), so that ``hidden_inputs`` and error messages use the
-    names of ``forward``'s arguments.
+    Dynamo's ``L_x_``), or ``input_names`` when given (one per input left), so
+    that ``hidden_inputs`` and error messages use the names of ``forward``'s
+    arguments.
 
     Returns the new GraphModule (eval mode), the indices of the inputs it still
     takes, and the names of those inputs that carry hidden activations: in a
@@ -127,16 +129,19 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]
         if size is not None and size[0] in tensors:
             sizes[index] = (tensors[size[0]], size[1])
     kept = [i for i in range(len(placeholders)) if i not in state and i not in sizes]
+    if input_names is not None and len(input_names) != len(kept):
+        input_names = None  # the caller's check on the inputs reports the mismatch
 
     model_inputs = _model_input_names()
     root = torch.nn.Module()
     graph = fx.Graph()  # a new graph: Dynamo reads the one it handed over to decide what to pass at run time
     env: dict[fx.Node, fx.Node] = {}
     hidden: list[str] = []
-    for index in kept:
+    for position, index in enumerate(kept):
         node, value = placeholders[index], example_inputs[index]
         local = getattr(sources[index], "local_name", None)
-        name = local if isinstance(local, str) and local.isidentifier() else str(node.target)
+        name = input_names[position] if input_names is not None else (
+            local if isinstance(local, str) and local.isidentifier() else str(node.target))
         env[node] = graph.placeholder(name, type_expr=node.type)
         env[node].meta.update(node.meta)
         if model_inputs is not None and local and local not in model_inputs and isinstance(value, torch.Tensor):
@@ -169,23 +174,44 @@ def _check_inference(graph: fx.Graph) -> None:
                                     f"runs in training mode; exfx compiles inference only. Call model.eval().")
 
 
+def _argument_names(model: torch.nn.Module, count: int) -> list[str]:
+    """The names ``forward``'s parameters give the first ``count`` positional inputs."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = next((p.name for p in parameters if p.kind is p.VAR_POSITIONAL), "input")
+    return [positional[i] if i < len(positional) else f"{rest}_{i - len(positional)}" for i in range(count)]
+
+
+def _call(model: torch.nn.Module, *inputs: Any) -> Any:
+    return model(*inputs)
+
+
 def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
     """Capture ``model`` as one graph with Dynamo, parameters as ``get_attr`` nodes.
 
-    The graph must take exactly the tensor ``example_inputs``, in order.
+    The graph must take exactly the tensor ``example_inputs``, in order; its
+    inputs are named after ``forward``'s arguments. Dynamo's caches for the
+    model's code are left untouched: the capture runs through a throwaway
+    function, whose cache entry goes with it.
     """
     captured: dict[str, Any] = {}
+    names = [name for name, value in zip(_argument_names(model, len(example_inputs)), example_inputs)
+             if isinstance(value, torch.Tensor)]
 
     def grab(gm: fx.GraphModule, inputs: list[Any]) -> Any:
-        captured["gm"], captured["kept"], _ = recover_parameters(gm, inputs)
-        captured["inputs"] = [inputs[i] for i in captured["kept"]]
+        captured["gm"], kept, _ = recover_parameters(gm, inputs, names)
+        captured["inputs"] = [inputs[i] for i in kept]
         return gm.forward
 
+    # A new code object per capture: Dynamo caches compiled frames per code object, so capturing through
+    # the model's own forward would fill (and, after 8 captures, exhaust) the cache of the user's model class.
+    capture_fn = types.FunctionType(_call.__code__.replace(co_name="exfx_dynamo_capture"), _call.__globals__,
+                                    "exfx_dynamo_capture")
     try:
         from exfx.capture import TRACE_LOCK
 
         with TRACE_LOCK, torch.no_grad():
-            torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*example_inputs)
+            torch.compile(capture_fn, backend=grab, fullgraph=True, dynamic=False)(model, *example_inputs)
     except ExfxError:
         raise
     except Exception as err:  # Dynamo raises many types; all mean "cannot capture as one graph"

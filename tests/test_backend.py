@@ -234,3 +234,14 @@ def test_backend_graph_takes_tensors_and_keeps_the_batch_size_symbolic():
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
     assert [[n.target for n in g.graph.nodes if n.op == "placeholder"] for g in graphs] == [["x"]]  # one graph
     assert graphs[0].meta["exfx_report"].site("fc2").eligible
+
+
+def test_dynamo_capture_leaves_dynamo_caches_alone():
+    """Each capture used to add a cache entry to the model class's forward: capture failed after the
+    recompile limit (8), and the user's own torch.compile of the class had fewer recompiles left."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            exfx.compile(Flattening().eval(), (x,), capture="dynamo")
+    assert not torch._C._dynamo.eval_frame._debug_get_cache_entry_list(Flattening.forward.__code__)
