@@ -3,8 +3,9 @@
 :class:`CompiledModule` is a GraphModule (it prints, re-traces, exports and runs
 under ``torch.compile`` like any other). Calling it, positionally or by input
 name, checks the inputs against the example inputs it was compiled with: their
-names and number, and each tensor's device, dtype and rank. Any other failure
-while running (a wrong feature size, say) is re-raised as
+names and number, and each tensor's device, dtype and rank (and, for a
+Dynamo-captured model whose graph holds a size as a constant, that size). Any
+other failure while running (a wrong feature size, say) is re-raised as
 :class:`~exfx.errors.UnsupportedModelError` that shows the example and actual
 inputs, with the first line of torch's message and the original exception
 chained, instead of a bare traceback from deep inside torch.
@@ -31,24 +32,33 @@ from exfx.errors import ExfxError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledModule", "InputSpec"]
+__all__ = ["CompiledModule", "InputSpec", "INPUT_SIZES_META"]
+
+#: ``GraphModule.meta`` key set by Dynamo capture: per input, the size each dimension must have (None: any),
+#: or None for a non-tensor input.
+INPUT_SIZES_META = "exfx_input_sizes"
 
 _SPECS_META = "exfx_inputs"
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What an example input looked like: enough to tell a caller what is expected."""
+    """What an example input looked like: enough to tell a caller what is expected.
+
+    ``sizes`` gives, per dimension, the size the input must have (None: any);
+    when it is None, only the rank is checked.
+    """
 
     name: str
     shape: tuple[int, ...] | None  # None for a non-tensor input
     dtype: torch.dtype | None
     device: torch.device | None
+    sizes: tuple[int | None, ...] | None = None
 
     @classmethod
-    def of(cls, name: str, value: Any) -> InputSpec:
+    def of(cls, name: str, value: Any, sizes: tuple[int | None, ...] | None = None) -> InputSpec:
         if isinstance(value, torch.Tensor):
-            return cls(name, tuple(value.shape), value.dtype, value.device)
+            return cls(name, tuple(value.shape), value.dtype, value.device, sizes)
         return cls(name, None, None, None)
 
     def describe(self) -> str:
@@ -66,6 +76,12 @@ class InputSpec:
             problems.append(f"dtype {value.dtype} (compiled for {self.dtype})")
         if value.dim() != len(self.shape):
             problems.append(f"{value.dim()} dims (compiled for {len(self.shape)})")
+        elif self.sizes is not None:
+            fixed = [f"size {value.shape[d]} in dim {d} where the Dynamo-captured graph holds {size}"
+                     for d, size in enumerate(self.sizes) if size is not None and value.shape[d] != size]
+            if fixed:
+                problems.append("; ".join(fixed) + ". Compile with example inputs of the sizes you will use (a "
+                                "batch of at least 2 keeps the batch size free, unless the model's code depends on it)")
         return problems
 
 
@@ -85,9 +101,11 @@ class CompiledModule(fx.GraphModule):
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
         super().__init__(gm, gm.graph, gm.__class__.__name__)
         self.meta.update(gm.meta)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        sizes = self.meta.get(INPUT_SIZES_META) or (None,) * len(placeholders)
         specs: list[InputSpec] = []
         examples = list(example_inputs)
-        for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        for node, required in zip(placeholders, sizes):
             name = str(node.target)
             if name.startswith("**"):
                 continue
@@ -96,7 +114,7 @@ class CompiledModule(fx.GraphModule):
                 break
             if not examples:
                 break
-            specs.append(InputSpec.of(name, examples.pop(0)))
+            specs.append(InputSpec.of(name, examples.pop(0), required))
         # In meta, not an attribute: GraphModule's deepcopy re-runs only GraphModule.__init__, but copies meta.
         self.meta[_SPECS_META] = tuple(specs)
 

@@ -10,10 +10,25 @@ dotted paths (``fc1.weight``), taken from Dynamo's record of where each input
 came from, so that site names are the same however the model was captured. The
 torch.compile backend uses it too.
 
-A captured graph takes the model's tensor inputs and returns its outputs
-flattened to tensors: a model returning a dataclass (a Hugging Face
-``ModelOutput``) returns a tuple after capture. A graph break (data-dependent
-control flow) makes capture fail with :class:`~exfx.errors.CaptureError`.
+A captured graph takes the model's tensor inputs, under the names of
+``forward``'s arguments, and returns its outputs flattened to tensors: a model
+returning a dataclass (a Hugging Face ``ModelOutput``) returns a tuple after
+capture.
+
+Shapes: the first (batch) dimension of every input is captured symbolically, so
+the compiled module runs at any batch size. Other dimensions are captured at the
+example's sizes: where the model's code uses one (a reshape, say), the graph
+holds the example's value. When the batch size could not stay symbolic (an
+example batch of 1, or code that branches on ``x.shape[0]``), the compiled
+module refuses other sizes with a message that says why, instead of running a
+graph traced for another size. A graph break (data-dependent control flow) makes
+capture fail with :class:`~exfx.errors.CaptureError`.
+
+Example::
+
+    >>> gm = dynamo_capture(hf_model.eval(), (input_ids,))
+    >>> [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    ['input_ids']
 """
 
 from __future__ import annotations
@@ -24,10 +39,12 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from exfx.compiled import INPUT_SIZES_META
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
 
 logger = logging.getLogger(__name__)
@@ -182,6 +199,56 @@ def _argument_names(model: torch.nn.Module, count: int) -> list[str]:
     return [positional[i] if i < len(positional) else f"{rest}_{i - len(positional)}" for i in range(count)]
 
 
+def _required_sizes(graph: fx.Graph) -> tuple[tuple[int | None, ...] | None, ...]:
+    """Per input of a captured graph, the size each dimension must have (None: any), None for a non-tensor.
+
+    Only the batch dimension was captured symbolically, so only it may be free,
+    and only when Dynamo kept it a symbol (it specialises a batch of 1, or one the
+    code fixes). That holds for any batch size only if every shape guard Dynamo
+    recorded holds for any size; an equality of two symbols (two inputs' batch
+    sizes) does. A guard such as ``s0 <= 4`` means the model's code branched on the
+    size: then every dimension of every input is fixed to the example's. Other
+    dimensions are left unchecked (None): where the code used their size, the
+    graph holds the example's value.
+    """
+    examples = [node.meta.get("example_value") for node in graph.nodes if node.op == "placeholder"]
+    symbols = [size for value in examples if isinstance(value, torch.Tensor) for size in value.shape
+               if isinstance(size, torch.SymInt)]
+    shape_env = symbols[0].node.shape_env if symbols else None
+    general = shape_env is None or all(_holds_for_any_size(shape_env.simplify(guard.expr))
+                                       for guard in shape_env.guards)
+    required: list[tuple[int | None, ...] | None] = []
+    for value in examples:
+        if not isinstance(value, torch.Tensor):
+            required.append(None)
+            continue
+        sizes = [int(size.node.hint) if isinstance(size, torch.SymInt) else int(size) for size in value.shape]
+        if not general:
+            required.append(tuple(sizes))
+            continue
+        batch = value.shape[0] if sizes else None
+        free = isinstance(batch, torch.SymInt) and isinstance(shape_env.simplify(batch.node.expr), sympy.Symbol)
+        required.append(tuple([None if free else sizes[0]] + [None] * (len(sizes) - 1)) if sizes else ())
+    if not general:
+        logger.warning("Dynamo capture: the model's code depends on its input sizes; the compiled module "
+                       "accepts only the example inputs' shapes")
+    return tuple(required)
+
+
+def _holds_for_any_size(expr: Any) -> bool:
+    """Whether a simplified shape guard holds whatever the sizes: no symbol left, an equality of two
+    symbols, or a bound on one symbol that every size tried meets (sizes below 2 are specialised anyway)."""
+    free = expr.free_symbols
+    if not free:
+        return bool(expr)
+    if isinstance(expr, sympy.Eq) and all(side.is_Symbol for side in expr.args):
+        return True
+    if len(free) == 1:
+        (symbol,) = free
+        return all(bool(expr.subs(symbol, value)) for value in (2, 3, 5, 8, 17, 64, 1000, 4099))
+    return False
+
+
 def _call(model: torch.nn.Module, *inputs: Any) -> Any:
     return model(*inputs)
 
@@ -190,13 +257,19 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     """Capture ``model`` as one graph with Dynamo, parameters as ``get_attr`` nodes.
 
     The graph must take exactly the tensor ``example_inputs``, in order; its
-    inputs are named after ``forward``'s arguments. Dynamo's caches for the
-    model's code are left untouched: the capture runs through a throwaway
-    function, whose cache entry goes with it.
+    inputs are named after ``forward``'s arguments. The caller's tensors and
+    Dynamo's caches for the model's code are left untouched: the capture runs
+    through a throwaway function, whose cache entry goes with it.
     """
     captured: dict[str, Any] = {}
     names = [name for name, value in zip(_argument_names(model, len(example_inputs)), example_inputs)
              if isinstance(value, torch.Tensor)]
+    # Aliases carry the dynamic-batch marks, so the caller's tensors are not marked.
+    aliases = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in example_inputs)
+    for alias in aliases:
+        if isinstance(alias, torch.Tensor) and alias.dim() > 0 and alias.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(alias, 0)
+    expected = [v for v in aliases if isinstance(v, torch.Tensor)]
 
     def grab(gm: fx.GraphModule, inputs: list[Any]) -> Any:
         captured["gm"], kept, _ = recover_parameters(gm, inputs, names)
@@ -210,8 +283,9 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     try:
         from exfx.capture import TRACE_LOCK
 
-        with TRACE_LOCK, torch.no_grad():
-            torch.compile(capture_fn, backend=grab, fullgraph=True, dynamic=False)(model, *example_inputs)
+        # Automatic dynamic shapes off: sizes seen in earlier captures (of other models) must not matter.
+        with TRACE_LOCK, torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
     except ExfxError:
         raise
     except Exception as err:  # Dynamo raises many types; all mean "cannot capture as one graph"
@@ -219,10 +293,11 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
         raise CaptureError(f"Dynamo could not capture the model as one graph: {type(err).__name__}: {message}") from err
     if "gm" not in captured:
         raise CaptureError("Dynamo captured no graph (the forward has no tensor operations)")
-    tensors = [v for v in example_inputs if isinstance(v, torch.Tensor)]
     graph_inputs = captured["inputs"]
-    if len(graph_inputs) != len(tensors) or any(a is not b for a, b in zip(graph_inputs, tensors)):
-        raise CaptureError(f"the Dynamo graph takes {len(graph_inputs)} inputs, not the {len(tensors)} tensor "
+    if len(graph_inputs) != len(expected) or any(a is not b for a, b in zip(graph_inputs, expected)):
+        raise CaptureError(f"the Dynamo graph takes {len(graph_inputs)} inputs, not the {len(expected)} tensor "
                            f"example inputs in their order (an input is unused or not a tensor); pass only the "
                            f"tensors forward() uses, as positional example inputs")
-    return captured["gm"]
+    gm: fx.GraphModule = captured["gm"]
+    gm.meta[INPUT_SIZES_META] = _required_sizes(gm.graph)
+    return gm

@@ -191,6 +191,15 @@ class Flattening(nn.Module):
         return self.fc3(F.relu(self.fc2(h)))
 
 
+class SizeBranch(Flattening):
+    """Python control flow on the batch size: a graph traced for one size is wrong for another."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            x = -x
+        return super().forward(x)
+
+
 class Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -245,3 +254,28 @@ def test_dynamo_capture_leaves_dynamo_caches_alone():
         for _ in range(3):
             exfx.compile(Flattening().eval(), (x,), capture="dynamo")
     assert not torch._C._dynamo.eval_frame._debug_get_cache_entry_list(Flattening.forward.__code__)
+
+
+def test_dynamo_capture_runs_at_any_batch_size():
+    torch.manual_seed(0)
+    model = Flattening().eval()
+    gm = exfx.compile(model, (torch.randn(4, 16),), NEVER, capture="dynamo")
+    with torch.no_grad():
+        for batch in (7, 2, 1):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, example_batch, message", [
+    (Flattening, 1, r"size 3 in dim 0 where the Dynamo-captured graph holds 1\. .*batch of at least 2"),
+    (SizeBranch, 2, r"size 3 in dim 0 where the Dynamo-captured graph holds 2\. "),
+])
+def test_dynamo_capture_refuses_sizes_its_graph_holds_as_constants(model_type, example_batch, message):
+    torch.manual_seed(0)
+    model = model_type().eval()
+    x = torch.randn(example_batch, 16)
+    gm = exfx.compile(model, (x,), NEVER, capture="dynamo")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(exfx.UnsupportedModelError, match=message):
+        gm(torch.randn(3, 16))
