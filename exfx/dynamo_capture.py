@@ -11,9 +11,10 @@ came from, so that site names are the same however the model was captured. The
 torch.compile backend uses it too.
 
 A captured graph takes the model's tensor inputs, under the names of
-``forward``'s arguments, and returns its outputs flattened to tensors: a model
-returning a dataclass (a Hugging Face ``ModelOutput``) returns a tuple after
-capture.
+``forward``'s arguments. It returns a tensor where the model returns one, and
+otherwise every tensor of the model's output, in order, as a tuple: a model
+returning a dict or a dataclass (a Hugging Face ``ModelOutput``) returns a tuple
+after capture.
 
 Shapes: the first (batch) dimension of every input is captured symbolically, so
 the compiled module runs at any batch size. Other dimensions are captured at the
@@ -43,6 +44,7 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from exfx.compiled import INPUT_SIZES_META
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
@@ -274,7 +276,12 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     def grab(gm: fx.GraphModule, inputs: list[Any]) -> Any:
         captured["gm"], kept, _ = recover_parameters(gm, inputs, names)
         captured["inputs"] = [inputs[i] for i in kept]
-        return gm.forward
+
+        def run(*args: Any) -> Any:
+            captured["outputs"] = gm.forward(*args)
+            return captured["outputs"]
+
+        return run
 
     # A new code object per capture: Dynamo caches compiled frames per code object, so capturing through
     # the model's own forward would fill (and, after 8 captures, exhaust) the cache of the user's model class.
@@ -285,7 +292,7 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
 
         # Automatic dynamic shapes off: sizes seen in earlier captures (of other models) must not matter.
         with TRACE_LOCK, torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
+            output = torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
     except ExfxError:
         raise
     except Exception as err:  # Dynamo raises many types; all mean "cannot capture as one graph"
@@ -300,4 +307,34 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
                            f"tensors forward() uses, as positional example inputs")
     gm: fx.GraphModule = captured["gm"]
     gm.meta[INPUT_SIZES_META] = _required_sizes(gm.graph)
+    _return_like_the_model(gm, output, captured["outputs"], expected)
     return gm
+
+
+def _return_like_the_model(gm: fx.GraphModule, output: Any, graph_outputs: Sequence[Any],
+                           inputs: Sequence[torch.Tensor]) -> None:
+    """Make ``gm`` return what the model returned: a tensor as a tensor, anything else as a tuple of its tensors.
+
+    Dynamo's graph returns only the tensors it computed, each once, and its
+    bytecode assembles the model's output from them, from inputs and from
+    constants. So each tensor of the model's output is found, by identity, among
+    the graph's outputs or inputs; non-tensor leaves (``None``, numbers) are left
+    out.
+    """
+    leaves = [output] if isinstance(output, torch.Tensor) else pytree.tree_leaves(output)
+    opaque = [leaf for leaf in leaves if not isinstance(leaf, (torch.Tensor, type(None), bool, int, float, str))]
+    if opaque:
+        raise CaptureError(f"the model returns a {type(opaque[0]).__name__}, whose tensors exfx cannot find; "
+                           f"return tensors, or tuples, lists or dicts of them")
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    computed, placeholders = node.args[0], [n for n in gm.graph.nodes if n.op == "placeholder"]
+    returned = []
+    for leaf in (leaf for leaf in leaves if isinstance(leaf, torch.Tensor)):
+        found = ([computed[i] for i, t in enumerate(graph_outputs) if t is leaf]
+                 or [placeholders[i] for i, t in enumerate(inputs) if t is leaf])
+        if not found:
+            raise CaptureError("a tensor the model returns is neither computed by the Dynamo graph nor one of its "
+                               "inputs (a parameter or a global tensor?); return values computed from the inputs")
+        returned.append(found[0])
+    node.args = (returned[0] if isinstance(output, torch.Tensor) else tuple(returned),)
+    gm.recompile()

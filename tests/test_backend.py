@@ -209,6 +209,12 @@ class Head(nn.Module):
         return self.fc3(F.relu(self.fc2(features)))
 
 
+class DictOut(Head):
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = super().forward(features)
+        return {"logits": logits, "features": features, "none": None, "again": logits}
+
+
 NEVER = exfx.Config(threshold=float("-inf"), samples=16)
 
 
@@ -218,6 +224,7 @@ def test_dynamo_capture_names_inputs_after_forward_arguments():
     gm = exfx.compile(model, (features,), NEVER, capture="dynamo", hidden_inputs=["features"])
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["features"]
     assert gm.meta["exfx_report"].site("fc2").eligible  # hidden_inputs names forward()'s argument
+    torch.testing.assert_close(gm(features=features), model(features), rtol=1e-5, atol=1e-5)
     report = exfx.explain(model, (features,), capture="dynamo")
     assert report.site("fc2").reason == "contraction axis is a model input (`features`)"
 
@@ -263,7 +270,7 @@ def test_dynamo_capture_runs_at_any_batch_size():
     with torch.no_grad():
         for batch in (7, 2, 1):
             x = torch.randn(batch, 16)
-            torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type, example_batch, message", [
@@ -276,6 +283,21 @@ def test_dynamo_capture_refuses_sizes_its_graph_holds_as_constants(model_type, e
     x = torch.randn(example_batch, 16)
     gm = exfx.compile(model, (x,), NEVER, capture="dynamo")
     with torch.no_grad():
-        torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(exfx.UnsupportedModelError, match=message):
         gm(torch.randn(3, 16))
+
+
+def test_dynamo_capture_returns_a_tensor_for_a_tensor_and_every_output_tensor_otherwise():
+    """Dynamo's graph returns only what it computed, once each: inputs passed through and repeats were lost."""
+    torch.manual_seed(0)
+    features = torch.randn(4, 64)
+    head, with_dict = Head().eval(), DictOut().eval()
+    out = exfx.compile(head, (features,), NEVER, capture="dynamo")(features)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, head(features), rtol=1e-5, atol=1e-5)
+    out = exfx.compile(with_dict, (features,), NEVER, capture="dynamo")(features)
+    expected = with_dict(features)
+    assert isinstance(out, tuple) and len(out) == 3
+    for actual, wanted in zip(out, (expected["logits"], features, expected["again"])):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
