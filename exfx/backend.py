@@ -3,7 +3,8 @@
 Registered under the ``torch_dynamo_backends`` entry point, so it works without
 importing exfx first. Options arrive as
 ``torch.compile(model, backend="exfx", options={"plan": plan_or_path, "config": {...}, "inner": "eager"})``
-or through ``torch.compile(model, backend=exfx.backend(plan=..., config=...))``.
+or through ``torch.compile(model, backend=exfx.backend(plan=..., config=...))``; ``torch.compile``'s
+``mode=`` is passed on to Inductor.
 
 What it does with each graph Dynamo hands it:
 
@@ -95,9 +96,15 @@ def _plan_for_graph(plan: Plan | None, gm: fx.GraphModule, inputs: list[Any], co
 
 def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapping[str, Any] | None = None,
                  plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
-                 inner: str | None = None) -> Callable[..., Any]:
-    """The Dynamo backend function (see module docstring)."""
+                 inner: str | None = None, mode: str | None = None) -> Callable[..., Any]:
+    """The Dynamo backend function (see module docstring).
+
+    ``mode`` is ``torch.compile``'s ``mode=``, passed on to Inductor.
+    """
     plan, config, inner = _resolve_options(options, plan, config, inner)
+    if mode is not None and inner != "inductor":
+        raise ExfxError(f"exfx backend: torch.compile(mode={mode!r}) configures Inductor, but the inner backend is "
+                        f"{inner!r}; drop mode, or use inner='inductor'")
     exfx_gm, kept, hidden = recover_parameters(gm, example_inputs)
     inputs = [example_inputs[i] for i in kept]
     # Outside Dynamo's tracing context: there, shape propagation would run on Dynamo's fake tensors, and
@@ -109,9 +116,10 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
                 len(report.eligible) if report else 0, len(compiled.graph.nodes))
     if inner == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        run = compile_fx(compiled, inputs)
+        run = compile_fx(compiled, inputs, config_patches=list_mode_options(mode) if mode else None)
     else:
         run = compiled.forward
 

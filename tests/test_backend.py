@@ -161,6 +161,19 @@ def test_plan_for_another_model_is_refused():
         torch.compile(MLP().eval(), backend=exfx.backend(plan=plan, inner="eager"))(torch.randn(2, 20))
 
 
+def test_mode_is_passed_to_inductor_and_refused_for_eager():
+    """torch.compile(mode=...) reaches the backend as a keyword: it raised a TypeError."""
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 20)
+    expected = exfx.compile(model, (x,))(x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="exfx", mode="reduce-overhead")(x), expected,
+                                   rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"mode='max-autotune'.*inner backend is 'eager'"):
+        torch.compile(model, backend=exfx.backend(inner="eager"), mode="max-autotune")(x)
+
+
 def test_backend_registered_by_entry_point_without_importing_exfx():
     code = ("import sys, torch\n"
             "m = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),"
