@@ -34,12 +34,11 @@ but no gradient flows through exfx graphs (they are inference graphs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from exfx.api import compile as exfx_compile
 from exfx.api import explain
@@ -80,16 +79,19 @@ def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
 
 def _plan_for_graph(plan: Plan | None, gm: fx.GraphModule, inputs: list[Any], config: Config,
                     hidden: list[str]) -> Plan | None:
-    """The part of ``plan`` that concerns this graph (a graph break splits the model's sites)."""
+    """The part of ``plan`` that concerns this graph (a graph break splits the model's sites).
+
+    A site of this graph that the plan has a signature for must have that
+    signature; sites of other graphs are left out.
+    """
     if plan is None:
         return None
-
-    report = explain(gm, inputs, config, hidden_inputs=hidden)
-    here = report.signatures
+    here = explain(gm, inputs, config, hidden_inputs=hidden).signatures
     mismatched = [f"{name}: plan has {plan.signatures[name]}, model has {here[name]}"
                   for name in here if name in plan.signatures and plan.signatures[name] != here[name]]
     if mismatched:
-        raise PlanMismatchError("plan does not match this model; mismatched sites:\n  " + "\n  ".join(mismatched))
+        raise PlanMismatchError("plan does not match this model; mismatched sites:\n  " + "\n  ".join(mismatched)
+                                + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")
     sites = {name: params for name, params in plan.sites.items() if name in here}
     return Plan(sites=sites, meta=dict(plan.meta))
 
@@ -112,9 +114,8 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     with torch._guards.tracing(None):
         compiled = exfx_compile(exfx_gm, inputs, config, _plan_for_graph(plan, exfx_gm, inputs, config, hidden),
                                 hidden_inputs=hidden)
-    report = compiled.meta.get("exfx_report")
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
-                len(report.eligible) if report else 0, len(compiled.graph.nodes))
+                len(compiled.meta["exfx_report"].eligible), len(compiled.graph.nodes))
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -132,8 +133,11 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
 
 def backend(*, plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
             inner: str = "inductor") -> Callable[..., Any]:
-    """A configured backend: ``torch.compile(model, backend=exfx.backend(plan=plan, inner="eager"))``."""
-    _resolve_options(None, plan, config, inner)  # validate now, not at the first call
+    """A configured backend: ``torch.compile(model, backend=exfx.backend(plan=plan, inner="eager"))``.
+
+    The options are checked, and a plan file read, here rather than at each graph.
+    """
+    plan, config, inner = _resolve_options(None, plan, config, inner)
 
     def configured(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
         return exfx_backend(gm, example_inputs, plan=plan, config=config, inner=inner, **kwargs)
