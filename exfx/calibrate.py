@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
@@ -88,12 +90,58 @@ class Evaluation:
         return 1.0 - self.executed / self.dense if self.dense else 0.0
 
 
+# Outputs and targets of the batches are combined along dim 0 when they are tensors, numpy arrays or
+# sequences of numbers; tuples, lists and dicts of those are combined member by member; anything else is
+# kept as the list of the batches' values.
+
+
+def _is_data(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (numbers.Number, str)) for v in value)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """The batches' ``parts`` of an output or target, combined (see above)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if _is_data(first):
+        return [v for part in parts for v in part]
+    if isinstance(first, Mapping):
+        return {key: _concat([p[key] for p in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return parts
+
+
 def _select(value: Any, index: torch.Tensor) -> Any:
+    """The examples ``index`` (along dim 0) of a combined output or target."""
     if isinstance(value, torch.Tensor):
-        return value[index]
+        return value[index.to(value.device)]
+    if isinstance(value, np.ndarray):
+        return value[index.numpy()]
+    if _is_data(value):
+        return [value[i] for i in index.tolist()]
+    if isinstance(value, Mapping):
+        return {key: _select(v, index) for key, v in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_select(v, index) for v in value)
-    raise ExfxError(f"confidence needs tensor outputs and targets to resample, got {type(value).__name__}")
+    raise ExfxError(f"confidence resamples examples, so outputs and targets must be tensors, numpy arrays or lists "
+                    f"of numbers (or tuples, lists or dicts of them), got {type(value).__name__}")
+
+
+def _count(value: Any) -> int:
+    """How many examples a combined output or target holds."""
+    if _is_data(value):
+        return len(value)
+    if isinstance(value, Mapping) and value:
+        return _count(next(iter(value.values())))
+    if isinstance(value, (tuple, list)) and value:
+        return _count(value[0])
+    raise ExfxError(f"cannot count the examples in targets of type {type(value).__name__}")
 
 
 def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confidence: float, rounds: int = 200,
@@ -103,7 +151,7 @@ def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confide
     Both models are scored on the same resampled examples, so the bound reflects
     how many predictions changed, not just the net change.
     """
-    count = len(baseline.targets) if not isinstance(baseline.targets, (tuple, list)) else len(baseline.targets[0])
+    count = _count(baseline.targets)
     generator = torch.Generator().manual_seed(seed)
     drops = []
     for _ in range(rounds):
@@ -118,15 +166,6 @@ def _split(batch: Batch) -> tuple[tuple[Any, ...], Any]:
         raise ExfxError("calibration data must yield (inputs, targets) pairs; inputs may be a tensor or a tuple")
     inputs, targets = batch
     return normalise_inputs(inputs), targets
-
-
-def _concat(parts: list[Any]) -> Any:
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
-    return parts
 
 
 def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, desc: str = "evaluate",

@@ -147,3 +147,32 @@ def test_oracle_bound_skips_exactly_the_non_positive_neurons(task):
             skipped += int((z2 <= 0).sum() + (z3 <= 0).sum()) * (96 - 32) * 2
     assert bound.executed == baseline.dense - skipped
     assert 0 < bound.reduction < 1
+
+
+class _DictOutput(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(x)
+        return {"logits": logits, "norm": logits.norm(dim=-1)}
+
+
+@pytest.mark.parametrize("form", ["dict outputs", "list targets", "numpy targets"])
+def test_outputs_and_targets_of_every_batch_are_combined(task, form):
+    """A dict output reached the metric as a list of per-batch dicts; list targets were treated as a structure."""
+    model, example, data = task
+    if form == "dict outputs":
+        model = _DictOutput(model).eval()
+        metric = lambda out, y: _accuracy(out["logits"], y)  # noqa: E731
+    elif form == "list targets":
+        data = [(x, y.tolist()) for x, y in data]
+        metric = lambda out, y: _accuracy(out, torch.tensor(y))  # noqa: E731
+    else:
+        data = [(x, y.numpy()) for x, y in data]
+        metric = lambda out, y: _accuracy(out, torch.from_numpy(y))  # noqa: E731
+    baseline = evaluate(model, data, metric)
+    assert baseline.score == pytest.approx(evaluate(task[0], task[2], _accuracy).score)
+    plan = exfx.calibrate(model, example, data, metric, 0.02, max_evals=3, confidence=0.9)
+    assert plan.meta["calibration"]["baseline"] - plan.meta["calibration"]["score"] <= 0.02 + 1e-9
