@@ -385,13 +385,15 @@ def _eligible_sites(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     return sites, report.signatures
 
 
-def _check_args(budget: float, schedules: Sequence[tuple[int, ...]]) -> None:
-    if not isinstance(budget, (int, float)) or not 0.0 <= budget < 1.0 or math.isnan(budget):
+def _check_args(budget: float, schedules: Sequence[tuple[int, ...]]) -> float:
+    """The budget as a Python float (numpy scalars too), after checking it and the schedules."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be an absolute metric drop in [0, 1), got {budget!r}")
     if not schedules:
         raise ValueError("schedules must name at least one checkpoint schedule")
     for schedule in schedules:
         SiteParams(samples=schedule)  # validates: positive, strictly increasing
+    return float(budget)
 
 
 def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
@@ -426,7 +428,7 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
     """
     started = time.perf_counter()
-    _check_args(budget, schedules)
+    budget = _check_args(budget, schedules)
     if config is not None and not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     if max_evals < 2:
@@ -505,7 +507,7 @@ def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Ba
     ``plan.meta["calibration"]`` is filled as by :func:`calibrate`.
     """
     started = time.perf_counter()
-    _check_args(budget, schedules)
+    budget = _check_args(budget, schedules)
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
     sites, signatures = _eligible_sites(model, example_inputs, schedules)

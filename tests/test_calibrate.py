@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -114,6 +115,8 @@ def test_model_without_sites_gives_an_empty_plan():
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"budget": -0.1}, ValueError, "budget"),
     ({"budget": 1.5}, ValueError, "budget"),
+    ({"budget": float("nan")}, ValueError, "budget"),
+    ({"budget": True}, ValueError, "budget"),
     ({"schedules": ()}, ValueError, "schedules"),
     ({"schedules": ((32, 16),)}, ValueError, "increasing"),
     ({"max_evals": 1}, ValueError, "max_evals"),
@@ -176,3 +179,14 @@ def test_outputs_and_targets_of_every_batch_are_combined(task, form):
     assert baseline.score == pytest.approx(evaluate(task[0], task[2], _accuracy).score)
     plan = exfx.calibrate(model, example, data, metric, 0.02, max_evals=3, confidence=0.9)
     assert plan.meta["calibration"]["baseline"] - plan.meta["calibration"]["score"] <= 0.02 + 1e-9
+
+
+def test_numpy_budget_and_metric(task, tmp_path):
+    """An np.float32 budget was refused, and would not have gone into the plan's JSON."""
+    model, example, data = task
+    metric = lambda out, y: np.float32(_accuracy(out, y))  # noqa: E731
+    plan = exfx.calibrate(model, example, data, metric, np.float32(0.01), max_evals=3)
+    meta = plan.meta["calibration"]
+    assert type(meta["budget"]) is float and type(meta["score"]) is float and type(meta["baseline"]) is float
+    plan.save(tmp_path / "plan.json")
+    assert exfx.Plan.load(tmp_path / "plan.json").meta["calibration"]["budget"] == pytest.approx(0.01)
