@@ -368,12 +368,19 @@ def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alpha
 # ---------------------------------------------------------------------------
 
 
-def _allocate(candidates: dict[str, list[_Candidate]], total: float, lam: float) -> Plan:
-    sites = {}
-    for name, options in candidates.items():
-        best = max(options, key=lambda c: c.saved / total - lam * c.damage)
-        sites[name] = best.params
-    return Plan(sites=sites)
+def _allocate(candidates: dict[str, list[_Candidate]], total: float, lam: float) -> dict[str, SiteParams]:
+    return {name: max(options, key=lambda c: c.saved / total - lam * c.damage).params
+            for name, options in candidates.items()}
+
+
+def _plan(signatures: dict[str, str], sites: Mapping[str, SiteParams] | None = None) -> Plan:
+    """A plan for every structurally eligible site: ``sites``' parameters, and every other site disabled.
+
+    A site the plan left out would get the default ``Config`` from :func:`exfx.compile`: untuned pruning.
+    """
+    params = {name: SiteParams(enabled=False) for name in signatures}
+    params.update(sites or {})
+    return Plan(sites=params, signatures=dict(signatures))
 
 
 def _eligible_sites(model: torch.nn.Module, example_inputs: tuple[Any, ...],
@@ -412,7 +419,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
             once to all outputs and targets concatenated along dim 0.
         budget: allowed absolute metric drop (0.001 = 0.1 point, 0.01 = 1 point).
         config: unused beyond validation; kept for API symmetry with compile.
-        schedules: candidate checkpoint schedules (a site takes those that fit its fan-in).
+        schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
+            that fits none is disabled in the plan).
         alphas: candidate z-test levels.
         max_evals: full evaluations after the baseline (the bisection budget).
         max_neurons: neurons sampled per site by the instrumented pass.
@@ -441,15 +449,14 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     baseline = evaluate(model, data, metric, desc="exfx calibrate: baseline", progress=progress)
     evals = 1
     if not sites:
-        return _finish(Plan(signatures=signatures), baseline, baseline, evals, started, budget, math.inf)
+        return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
     samples = _instrument(model, example_inputs, data, sites, checkpoints, max_neurons, seed, progress)
     candidates = {name: _candidates(sample, schedules, alphas) for name, sample in samples.items()}
     total = float(baseline.dense)
 
     def trial(lam: float) -> tuple[Plan, Evaluation]:
-        plan = _allocate(candidates, total, lam)
-        plan.signatures = dict(signatures)
+        plan = _plan(signatures, _allocate(candidates, total, lam))
         compiled = exfx_compile(model, example_inputs, plan=plan)
         return plan, evaluate(compiled, data, metric, desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
 
@@ -480,8 +487,7 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
                 lo = lam_log
     bar.close()
     if best is None:
-        disabled = Plan(sites={s.name: SiteParams(enabled=False) for s in sites}, signatures=dict(signatures))
-        return _finish(disabled, baseline, baseline, evals, started, budget, math.inf)
+        return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
     return _finish(best[0], baseline, best[1], evals, started, budget, best[2])
 
 
@@ -515,14 +521,12 @@ def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Ba
     rng = random.Random(seed)
     best: tuple[Plan, Evaluation] | None = None
     for _ in tqdm(range(evals), desc="exfx random search", disable=_quiet(progress), leave=False):
-        plan = Plan(sites={s.name: _random_params(rng, s.fan_in, schedules) for s in sites},
-                    signatures=dict(signatures))
+        plan = _plan(signatures, {s.name: _random_params(rng, s.fan_in, schedules) for s in sites})
         result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric, progress=False)
         if baseline.score - result.score <= budget + 1e-12 and (best is None or result.executed < best[1].executed):
             best = (plan, result)
     if best is None:
-        disabled = Plan(sites={s.name: SiteParams(enabled=False) for s in sites}, signatures=dict(signatures))
-        return _finish(disabled, baseline, baseline, evals + 1, started, budget, math.inf)
+        return _finish(_plan(signatures), baseline, baseline, evals + 1, started, budget, math.inf)
     return _finish(best[0], baseline, best[1], evals + 1, started, budget, math.inf)
 
 

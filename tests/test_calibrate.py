@@ -105,6 +105,24 @@ def test_conv_model_calibrates():
     assert plan.meta["calibration"]["baseline"] - plan.meta["calibration"]["score"] <= 0.05 + 1e-9
 
 
+@pytest.mark.parametrize("search", ["calibrate", "random_search"])
+def test_a_site_no_schedule_fits_is_disabled_not_left_to_the_default(search):
+    """Site "2" (fan-in 48) fits no schedule of 64: the plan left it out, and exfx.compile then pruned it
+    with the default Config (threshold 0), a setting the search never measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
+    x = torch.randn(200, 32)
+    data = [(x[i:i + 100], model(x[i:i + 100]).argmax(-1)) for i in range(0, 200, 100)]
+    if search == "calibrate":
+        plan = exfx.calibrate(model, (x[:2],), data, _accuracy, 0.0, schedules=((64,),), max_evals=3)
+    else:
+        plan = exfx.random_search(model, (x[:2],), data, _accuracy, 0.0, schedules=((64,),), evals=2)
+    assert plan.sites == {"2": exfx.SiteParams(enabled=False)}
+    compiled = exfx.compile(model, (x[:2],), plan=plan)
+    assert not compiled.meta["exfx_report"].eligible
+    assert evaluate(compiled, data, _accuracy).score == plan.meta["calibration"]["score"] == 1.0
+
+
 def test_model_without_sites_gives_an_empty_plan():
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     data = [(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))]
