@@ -413,10 +413,16 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     Args:
         model: an eval-mode model.
         example_inputs: as for :func:`exfx.compile`.
-        data: held-out ``(inputs, targets)`` batches (a validation split); it is
-            read several times, so pass a list or a re-iterable loader.
+        data: held-out ``(inputs, targets)`` batches (a validation split): a
+            list, a loader or a generator. It is read once into a list (so it
+            is held in memory), and every evaluation sees the same batches in
+            the same order.
         metric: ``metric(outputs, targets) -> float``, higher is better, applied
-            once to all outputs and targets concatenated along dim 0.
+            once to all outputs and targets concatenated along dim 0. The
+            outputs are those of the compiled module, which for a
+            Dynamo-captured model are a tensor or a tuple of tensors (see
+            :func:`exfx.compile`); the baseline is the model compiled with every
+            site disabled, so each plan's drop is that of early exit alone.
         budget: allowed absolute metric drop (0.001 = 0.1 point, 0.01 = 1 point).
         config: unused beyond validation; kept for API symmetry with compile.
         schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
@@ -446,7 +452,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
     sites, signatures = _eligible_sites(model, example_inputs, schedules)
-    baseline = evaluate(model, data, metric, desc="exfx calibrate: baseline", progress=progress)
+    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures)), data, metric,
+                        desc="exfx calibrate: baseline", progress=progress)
     evals = 1
     if not sites:
         return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
@@ -510,14 +517,15 @@ def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Ba
     random schedule with either the threshold rule (``T = -10**u``,
     ``u ~ U(-4, 1)``) or the z-test (``alpha ~ U(0, 0.5)``). Each trial is one full
     evaluation; the plan with the fewest executed FLOPs within ``budget`` wins.
-    ``plan.meta["calibration"]`` is filled as by :func:`calibrate`.
+    The arguments and ``plan.meta["calibration"]`` are as for :func:`calibrate`.
     """
     started = time.perf_counter()
     budget = _check_args(budget, schedules)
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
     sites, signatures = _eligible_sites(model, example_inputs, schedules)
-    baseline = evaluate(model, data, metric, desc="exfx random search: baseline", progress=progress)
+    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures)), data, metric,
+                        desc="exfx random search: baseline", progress=progress)
     rng = random.Random(seed)
     best: tuple[Plan, Evaluation] | None = None
     for _ in tqdm(range(evals), desc="exfx random search", disable=_quiet(progress), leave=False):

@@ -208,3 +208,30 @@ def test_numpy_budget_and_metric(task, tmp_path):
     assert type(meta["budget"]) is float and type(meta["score"]) is float and type(meta["baseline"]) is float
     plan.save(tmp_path / "plan.json")
     assert exfx.Plan.load(tmp_path / "plan.json").meta["calibration"]["budget"] == pytest.approx(0.01)
+
+
+class _Untraceable(nn.Module):
+    """torch.fx cannot trace `x.dim()` into a Python int, so exfx captures it with Dynamo, whose module
+    returns the dict's tensors as a tuple."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() == 2:
+            x = x * 1.0
+        return {"logits": self.model(x)}
+
+
+def test_metric_sees_the_compiled_module_outputs_for_the_baseline_too(task):
+    """The baseline ran the original model (a dict) and the trials the compiled one (a tuple): no metric
+    could read both, so calibrating a Dynamo-captured model that returns a dict failed."""
+    model, example, data = task
+    wrapped = _Untraceable(model).eval()
+    metric = lambda out, y: _accuracy(out[0], y)  # noqa: E731
+    for plan in (exfx.calibrate(wrapped, example, data, metric, 0.01, max_evals=3),
+                 exfx.random_search(wrapped, example, data, metric, 0.01, evals=2)):
+        meta = plan.meta["calibration"]
+        assert meta["baseline"] == pytest.approx(evaluate(model, data, _accuracy).score)
+        assert meta["baseline"] - meta["score"] <= 0.01 + 1e-9
