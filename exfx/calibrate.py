@@ -284,9 +284,10 @@ class _Recorder(fx.Interpreter):
 
 
 def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Batch], sites: list[Any],
-                checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
+                signatures: dict[str, str], checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
                 progress: bool | None) -> dict[str, _SiteSample]:
-    plan = Plan(sites={s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
+    # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
+    plan = _plan(signatures, {s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
     probe = exfx_compile(model, example_inputs, plan=plan)
     samples: dict[str, _SiteSample] = {}
     for node in probe.graph.nodes:
@@ -458,7 +459,7 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     if not sites:
         return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
-    samples = _instrument(model, example_inputs, data, sites, checkpoints, max_neurons, seed, progress)
+    samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
     candidates = {name: _candidates(sample, schedules, alphas) for name, sample in samples.items()}
     total = float(baseline.dense)
 

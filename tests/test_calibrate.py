@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import exfx
-from exfx.calibrate import evaluate, oracle
+from exfx.calibrate import _eligible_sites, _instrument, evaluate, oracle
 
 from models import VGGish
 
@@ -235,3 +235,20 @@ def test_metric_sees_the_compiled_module_outputs_for_the_baseline_too(task):
         meta = plan.meta["calibration"]
         assert meta["baseline"] == pytest.approx(evaluate(model, data, _accuracy).score)
         assert meta["baseline"] - meta["score"] <= 0.01 + 1e-9
+
+
+def test_instrumentation_leaves_the_sites_it_does_not_search_dense():
+    """The instrumented pass gave a site outside the search the default Config, pruning it: the sites after
+    it were measured on activations no trial would see."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
+                        nn.Linear(96, 10)).eval()
+    x = torch.randn(200, 32)
+    data = [(x[i:i + 100], None) for i in range(0, 200, 100)]
+    sites, signatures = _eligible_sites(net, (x[:2],), ((64,),))
+    assert [s.name for s in sites] == ["4"] and set(signatures) == {"2", "4"}  # "2" (fan-in 48) is not searched
+    samples = _instrument(net, (x[:2],), data, sites, signatures, {"4": (64,)}, 500, 0, False)
+    recorded = torch.cat(samples["4"].pre)
+    with torch.no_grad():
+        dense = net[:5](x).reshape(-1).double()
+    assert torch.isclose(recorded[:, None], dense[None, :], rtol=0, atol=1e-5).any(1).all()
