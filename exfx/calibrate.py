@@ -237,8 +237,8 @@ def oracle(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], m
 class _SiteSample:
     """What the instrumented pass saw at one site, for a sample of its neurons."""
 
-    fan_in: int
-    cost_per_unit: int  # FLOPs one unit adds to one neuron (2 per multiply-add)
+    fan_in: int = 0
+    cost_per_unit: int = 0  # FLOPs one unit adds to one neuron (2 per multiply-add)
     neurons: int = 0  # all neurons seen, not just the sample
     checkpoints: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
     pre: list[torch.Tensor] = field(default_factory=list)
@@ -271,15 +271,20 @@ class _Recorder(fx.Interpreter):
             state, weight, bias, residual, _active, count, fan_in, _rule, _param, site = self.fetch_args_kwargs_from_env(
                 n)[0]
             picked = self._pick(site, state[0].numel())
-            per_rule = self.samples[site].checkpoints.setdefault(count, {r: [] for r in enp_ops.RULES})
+            per_rule = self.samples.setdefault(site, _SiteSample()).checkpoints.setdefault(
+                count, {r: [] for r in enp_ops.RULES})
             for rule in enp_ops.RULES:
                 statistic = enp_ops.exit_statistic(state, weight, bias, residual, count, fan_in, rule)
                 per_rule[rule].append(statistic.reshape(-1)[picked].double())
         elif n.target is torch.ops.exfx.complete.default:
-            site = self.fetch_args_kwargs_from_env(n)[0][12]
+            args = self.fetch_args_kwargs_from_env(n)[0]
+            x, weight, n_units, site = args[0], args[1], args[7], args[12]
+            sample = self.samples.setdefault(site, _SiteSample())
+            sample.fan_in = enp_ops.fan_in_of(x, weight, n_units)
+            sample.cost_per_unit = 2 * enp_ops.terms_per_unit(x, weight, n_units)
             picked = self._pick(site, result.numel())
-            self.samples[site].pre.append(result.reshape(-1)[picked].double())
-            self.samples[site].neurons += result.numel()
+            sample.pre.append(result.reshape(-1)[picked].double())
+            sample.neurons += result.numel()
         return result
 
 
@@ -290,13 +295,6 @@ def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: I
     plan = _plan(signatures, {s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
     probe = exfx_compile(model, example_inputs, plan=plan)
     samples: dict[str, _SiteSample] = {}
-    for node in probe.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.exfx.complete.default:
-            site = node.args[12]
-            x, weight = node.args[0].meta["tensor_meta"], node.args[1].meta["tensor_meta"]
-            info = next(s for s in sites if s.name == site)
-            unit_terms = (x.shape[-1] // info.n_units) if len(weight.shape) == 2 else math.prod(weight.shape[2:])
-            samples[site] = _SiteSample(fan_in=info.fan_in, cost_per_unit=2 * unit_terms)
     batches = list(data) if not isinstance(data, (list, tuple)) else data
     per_batch = max(1, max_neurons // max(1, len(batches)))
     generator = torch.Generator().manual_seed(seed)
