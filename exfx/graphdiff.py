@@ -8,8 +8,9 @@ site (name, signature, group, rule and parameters), and its exfx nodes carry the
 site and role.
 
 :func:`check` compares a module with a golden file, either textually or
-structurally (``structural=True``: node names are ignored and the op graphs are
-compared with a ``networkx`` isomorphism over op/target labels).
+structurally (``structural=True``: node, module and parameter names are ignored
+and the op graphs are compared with a ``networkx`` isomorphism over op/target
+labels).
 
 Example::
 
@@ -45,6 +46,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _NODE_LINE = re.compile(r"^(?P<name>\S+) = (?P<op>\w+) (?P<target>[^(\s]+)\((?P<args>.*)\)(?:\s+# (?P<note>.*))?$")
 _RETURN_LINE = re.compile(r"^return (?P<args>.*)$")
 _REF = re.compile(r"%([A-Za-z_][\w]*)")
+_SITE_NOTE = re.compile(r"(?:^|; )site=(?P<site>\S+) role=")
 
 
 def _format_arg(value: Any) -> str:
@@ -137,28 +139,38 @@ def unified_diff(before: str, after: str, before_name: str = "original", after_n
 def structural_graph(text: str) -> nx.MultiDiGraph:
     """Parse graph text into a MultiDiGraph labelled by op and target (node names dropped).
 
-    ``get_attr`` nodes are labelled by the tensor type instead of the attribute
-    name, so renaming a module does not change the structure but resizing it does.
+    Names of modules and parameters are dropped too: ``get_attr`` nodes are
+    labelled by the tensor type instead of the attribute name, ``call_module``
+    nodes by the module's type, and an exfx node's site-name argument is blanked. So
+    renaming a module does not change the structure, but resizing it does. A
+    line that is neither a comment, a node nor the return raises ``ValueError``.
     """
     graph = nx.MultiDiGraph()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
             continue
         match = _NODE_LINE.match(line)
         if match:
-            name, op, target, note = match["name"], match["op"], match["target"], match["note"] or ""
-            label = f"{op} {note.split(';')[0]}" if op == "get_attr" else f"{op} {target}"
+            name, op, target, note, args = match["name"], match["op"], match["target"], match["note"] or "", match["args"]
             if op == "placeholder":
                 label = "placeholder"
-            args = _REF.sub("%", match["args"])
-            graph.add_node(name, label=f"{label}({args})")
-            refs = _REF.findall(match["args"])
+            elif op == "get_attr":
+                label = f"{op} {note.split(';')[0]}"
+            elif op == "call_module":
+                label = f"{op} <{target.partition('<')[2]}"
+            else:
+                label = f"{op} {target}"
+            site = _SITE_NOTE.search(note)
+            if site:  # the exfx ops' last argument is the site's name
+                args = args.replace(repr(site["site"]), "<site>")
+            graph.add_node(name, label=f"{label}({_REF.sub('%', args)})")
+            refs = _REF.findall(args)
         elif (ret := _RETURN_LINE.match(line)) is not None:
             name = "<output>"
             graph.add_node(name, label="output")
             refs = _REF.findall(ret["args"])
         else:
-            continue
+            raise ValueError(f"line {number} is not exfx graph text: {line!r}")
         for position, ref in enumerate(refs):
             graph.add_edge(ref, name, position=position)
     return graph

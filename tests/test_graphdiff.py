@@ -82,6 +82,40 @@ def test_structural_check_ignores_node_names_but_not_structure(tmp_path):
     assert not graphdiff.check(_text(mlp, exfx.Config(samples=(8, 16))), golden, structural=True).ok
 
 
+class _Renamed(torch.nn.Module):
+    """specs.mlp's network with its modules named, not numbered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        model, _ = mlp()
+        self.encoder, self.hidden, self.head = model[0], model[2], model[4]
+        self.flat = torch.nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(torch.relu(self.encoder(self.flat(x))))))
+
+
+def test_structural_check_ignores_module_names(tmp_path):
+    """Site names are arguments of the exfx ops and leaf modules are named in call_module targets: renaming a
+    module failed the structural check that the docstring says it passes."""
+    _, inputs = mlp()
+    named = graphdiff.graph_text(exfx.compile(_Renamed().eval(), inputs))
+    assert "'hidden'" in named and "flat<Flatten>" in named
+    golden = tmp_path / "g.txt"
+    golden.write_text(graphdiff.graph_text(exfx.compile(_Renamed().eval(), inputs))
+                      .replace("hidden", "fc").replace("flat", "stem"))
+    assert not graphdiff.check(named, golden).ok
+    assert graphdiff.check(named, golden, structural=True).ok
+    golden.write_text(_text(mlp_widened))
+    assert not graphdiff.check(named, golden, structural=True).ok
+
+
+def test_structural_parser_refuses_lines_it_cannot_read():
+    text = _text(mlp)
+    with pytest.raises(ValueError, match="line 4 is not exfx graph text"):
+        graphdiff.structural_graph("\n".join(text.splitlines()[:3] + ["x = placeholder x("] + text.splitlines()[3:]))
+
+
 def test_assert_graph_matches_and_update_env(tmp_path, monkeypatch):
     golden = tmp_path / "g.txt"
     monkeypatch.setenv("EXFX_UPDATE_GOLDEN", "1")
