@@ -59,6 +59,8 @@ def _format_arg(value: Any) -> str:
         return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k!r}: {_format_arg(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (set, frozenset)):  # sorted: a set's order changes with the process's hash seed
+        return "{" + ", ".join(sorted(_format_arg(v) for v in value)) + "}" if value else "set()"
     if isinstance(value, torch.Tensor):
         return f"tensor({_tensor_type(value)})"
     return _ADDRESS.sub("", repr(value))

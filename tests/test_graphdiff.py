@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.fx as fx
 
 import exfx
 from exfx import graphdiff
@@ -37,6 +39,22 @@ def test_text_is_deterministic_across_processes():
     outputs = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                               check=True).stdout for _ in range(2)}
     assert outputs == {_text(mlp)}
+
+
+def test_set_arguments_render_in_one_order():
+    """A set iterates in an order that depends on its history and, for strings, on the process's hash seed."""
+    def text(values: set) -> str:
+        graph = fx.Graph()
+        graph.output(graph.call_function(operator.contains, (values, graph.placeholder("x"))))
+        return graphdiff.graph_text(fx.GraphModule(torch.nn.Module(), graph))
+
+    first, second = set(), set()
+    for value in (8, 16):
+        first.add(value)
+    for value in (16, 8):
+        second.add(value)
+    assert first == second and list(first) != list(second)
+    assert text(first) == text(second) and "contains({16, 8}, %x)" in text(first)  # sorted as text
 
 
 def test_text_has_sites_ops_and_params_but_no_addresses_or_paths():
