@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
 import sys
 from collections.abc import Sequence
@@ -34,14 +33,13 @@ import exfx
 from exfx import graphdiff
 from exfx.capture import capture
 from exfx.errors import ExfxError
+from exfx.graphdiff import UPDATE_ENV
 from exfx.spec import DEFAULT_SPEC, load_spec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["main", "UPDATE_ENV"]
 
-#: Set to 1 to make `exfx check` and `exfx.testing.assert_graph_matches` rewrite golden files.
-UPDATE_ENV = "EXFX_UPDATE_GOLDEN"
 
 def _samples(text: str) -> tuple[int, ...]:
     try:
@@ -127,7 +125,7 @@ def _graph_commands(args: argparse.Namespace, model: torch.nn.Module, inputs: tu
             print("\n".join(summary))
             print(diff, end="")
         return 0
-    update = args.update or os.environ.get(UPDATE_ENV) == "1"
+    update = args.update or graphdiff.update_requested()
     result = graphdiff.check(text, args.golden, update=update, structural=args.structural)
     if result.updated:
         print(f"updated {args.golden}")

@@ -39,9 +39,11 @@ from exfx.report import Report
 logger = logging.getLogger(__name__)
 
 __all__ = ["graph_text", "site_summary", "unified_diff", "structural_graph", "check", "CheckResult",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "UPDATE_ENV", "update_requested"]
 
 FORMAT_VERSION = 1
+#: Set to 1 to make ``exfx check`` and :func:`exfx.testing.assert_graph_matches` rewrite golden files.
+UPDATE_ENV = "EXFX_UPDATE_GOLDEN"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _NODE_LINE = re.compile(r"^(?P<name>\S+) = (?P<op>\w+) (?P<target>[^(\s]+)\((?P<args>.*)\)(?:\s+# (?P<note>.*))?$")
 _RETURN_LINE = re.compile(r"^return (?P<args>.*)$")
@@ -202,6 +204,11 @@ def _changed_sites(golden: str, current: str) -> list[str]:
         if old.get(name) != new.get(name):
             changed.append(f"site {name}: {old.get(name, '(absent)')} -> {new.get(name, '(absent)')}")
     return changed
+
+
+def update_requested() -> bool:
+    """Whether the environment asks for golden files to be rewritten (``EXFX_UPDATE_GOLDEN=1``)."""
+    return os.environ.get(UPDATE_ENV) == "1"
 
 
 def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = False,

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from exfx import graphdiff
 from exfx.api import compile as exfx_compile
-from exfx.cli import UPDATE_ENV
+from exfx.graphdiff import UPDATE_ENV
 from exfx.config import Config, Plan
 from exfx.spec import load_spec
 
@@ -39,7 +39,7 @@ def assert_graph_matches(gm_or_spec: fx.GraphModule | str, golden_path: str | os
     else:
         gm = gm_or_spec
     if update is None:
-        update = os.environ.get(UPDATE_ENV) == "1"
+        update = graphdiff.update_requested()
     result = graphdiff.check(graphdiff.graph_text(gm), golden_path, update=update, structural=structural)
     if not result.ok:
         raise AssertionError(f"exfx graph differs from {os.fspath(golden_path)} "
