@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -73,3 +74,14 @@ def test_diff_and_graph_commands(capsys):
 def test_bad_input_exits_2_with_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_spec_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    """The exfx console script has its own directory, not the current one, on sys.path (python -m has the
+    current one): `exfx check mypkg.models:small` could not import the project's own uninstalled models."""
+    (tmp_path / "exfx_cwd_models.py").write_text("from specs import mlp\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "exfx_cwd_models", raising=False)
+    assert main(["explain", "exfx_cwd_models:mlp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sites"][1]["name"] == "2"
