@@ -14,8 +14,8 @@ Usage::
 
 ``SPEC`` is ``module:factory``, a zero-argument callable returning
 ``(model, example_inputs)``; the default is the built-in ``exfx.examples:small_cnn``.
-Exit status: 0 on success, 1 when ``check`` finds a mismatch, 2 on bad usage or an
-exfx error (the message says why).
+Exit status: 0 on success, 1 when ``check`` finds a mismatch, 2 on bad usage, an
+exfx error or a file that cannot be written (the message says why).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return _run(args)
-    except ExfxError as err:
+    except (ExfxError, OSError) as err:  # OSError: an output file or folder that cannot be written
         print(f"exfx: error: {err}", file=sys.stderr)
         return 2
 

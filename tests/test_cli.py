@@ -76,6 +76,16 @@ def test_bad_input_exits_2_with_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_unwritable_output_exits_2_with_message(tmp_path, capsys):
+    """A plan or golden file that cannot be written ended the command with a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["plan", "specs:mlp", "-o", str(blocker / "plan.json")]) == 2
+    assert "exfx: error:" in capsys.readouterr().err
+    assert main(["check", "specs:mlp", str(blocker / "golden.txt"), "--update"]) == 2
+    assert "exfx: error:" in capsys.readouterr().err
+
+
 def test_spec_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
     """The exfx console script has its own directory, not the current one, on sys.path (python -m has the
     current one): `exfx check mypkg.models:small` could not import the project's own uninstalled models."""
