@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,16 @@ def _samples(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--samples takes comma-separated ints such as 16,32, got {text!r}") from None
+
+
+def _budget(text: str) -> float:
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not 0.0 <= budget < 1.0:
+        raise argparse.ArgumentTypeError(f"--budget is an accuracy drop in [0, 1) such as 0.01 (1 point), got {text!r}")
+    return budget
 
 
 def _config(args: argparse.Namespace) -> exfx.Config:
@@ -76,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="calibrate and compile the bundled trained CNN on 1,000 Fashion-MNIST images",
                           description="calibrate and compile the bundled trained CNN on 1,000 Fashion-MNIST images")
     demo.add_argument("--out", default="exfx-demo", help="output folder (default exfx-demo)")
-    demo.add_argument("--budget", type=float, default=0.01, help="allowed accuracy drop (0.01 = 1 point)")
+    demo.add_argument("--budget", type=_budget, default=0.01, help="allowed accuracy drop (0.01 = 1 point)")
     for name, help_text in commands.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == "check":

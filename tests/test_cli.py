@@ -86,6 +86,15 @@ def test_unwritable_output_exits_2_with_message(tmp_path, capsys):
     assert "exfx: error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("budget", ["2", "-0.1", "nan", "one"])
+def test_demo_budget_is_checked_before_running(budget, capsys):
+    """`exfx demo --budget 2` loaded the model and data, then died in calibrate with a ValueError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--budget", budget])
+    assert exit_info.value.code == 2
+    assert "--budget is an accuracy drop in [0, 1)" in capsys.readouterr().err
+
+
 def test_spec_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
     """The exfx console script has its own directory, not the current one, on sys.path (python -m has the
     current one): `exfx check mypkg.models:small` could not import the project's own uninstalled models."""
