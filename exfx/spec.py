@@ -53,6 +53,8 @@ def load_spec(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
         raise ExfxError(f"{module_name!r} has no callable {attr!r} (SPEC {spec!r})")
     result = factory()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise ExfxError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
+        got = (f"({', '.join(type(v).__name__ for v in result)})" if isinstance(result, tuple)
+               else type(result).__name__)
+        raise ExfxError(f"{spec} must return (model, example_inputs) with model a torch.nn.Module, got {got}")
     model, inputs = result
     return model, normalise_inputs(inputs)

@@ -104,3 +104,11 @@ def test_spec_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "exfx_cwd_models", raising=False)
     assert main(["explain", "exfx_cwd_models:mlp", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sites"][1]["name"] == "2"
+
+
+def test_a_factory_returning_the_wrong_pair_is_named(tmp_path, monkeypatch, capsys):
+    """A pair whose first item is not a module was reported as 'got tuple'."""
+    (tmp_path / "exfx_cwd_pairs.py").write_text("import torch\ndef swapped():\n    return torch.ones(2), 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["explain", "exfx_cwd_pairs:swapped"]) == 2
+    assert "with model a torch.nn.Module, got (Tensor, int)" in capsys.readouterr().err
