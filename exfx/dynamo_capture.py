@@ -178,16 +178,24 @@ def recover_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any], input_
     return recovered, kept, hidden
 
 
+#: Functions whose behaviour depends on a training flag: the flag's (name, position, default).
+_TRAINING_FLAGS: dict[Any, tuple[str, int, bool | None]] = {
+    F.batch_norm: ("training", 5, False), torch.batch_norm: ("training", 5, None),
+    F.dropout: ("training", 2, True), F.dropout1d: ("training", 2, True), F.dropout2d: ("training", 2, True),
+    F.dropout3d: ("training", 2, True), F.alpha_dropout: ("training", 2, False),
+    F.feature_alpha_dropout: ("training", 2, False), torch.dropout: ("train", 2, None),
+    torch.alpha_dropout: ("train", 2, None), torch.feature_dropout: ("train", 2, None),
+    torch.feature_alpha_dropout: ("train", 2, None),
+}
+
+
 def _check_inference(graph: fx.Graph) -> None:
+    """Refuse a graph that runs BatchNorm or any dropout in training mode."""
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node.target not in _TRAINING_FLAGS:
             continue
-        if node.target is F.batch_norm:
-            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
-        elif node.target in (F.dropout, torch.dropout):
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        else:
-            continue
+        name, position, default = _TRAINING_FLAGS[node.target]
+        training = node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
         if training:
             raise TrainingModeError(f"exfx backend: node `{node.name}` ({getattr(node.target, '__name__', '?')}) "
                                     f"runs in training mode; exfx compiles inference only. Call model.eval().")

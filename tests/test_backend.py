@@ -143,6 +143,19 @@ def test_training_mode_is_refused_clearly():
         torch.compile(model, backend=exfx.backend(inner="eager"))(torch.randn(2, 3, 16, 16))
 
 
+@pytest.mark.parametrize("dropout, shape", [(nn.Dropout1d, (3, 5, 8)), (nn.Dropout2d, (3, 5, 7, 8)),
+                                            (nn.AlphaDropout, (3, 8)), (nn.FeatureAlphaDropout, (3, 5, 8))])
+def test_every_dropout_in_training_mode_is_refused(dropout, shape):
+    """Only F.dropout and F.batch_norm were checked: a training-mode Dropout1d ran, randomly, in the graph."""
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), dropout(0.5), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 2)).train()
+    with pytest.raises(Exception, match="training mode.*Call model.eval"):
+        torch.compile(model, backend=exfx.backend(inner="eager"))(torch.randn(shape))
+    torch._dynamo.reset()
+    with torch.no_grad():  # in eval mode it compiles
+        assert torch.compile(model.eval(), backend=exfx.backend(inner="eager"))(torch.randn(shape)).shape[-1] == 2
+
+
 @pytest.mark.parametrize("options, message", [
     ({"bogus": 1}, "unknown option"),
     ({"inner": "tvm"}, "'inner' must be one of"),
