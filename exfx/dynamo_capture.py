@@ -14,7 +14,8 @@ A captured graph takes the model's tensor inputs, under the names of
 ``forward``'s arguments. It returns a tensor where the model returns one, and
 otherwise every tensor of the model's output, in order, as a tuple: a model
 returning a dict or a dataclass (a Hugging Face ``ModelOutput``) returns a tuple
-after capture.
+after capture. The tensors of an object it cannot look into (a ``DynamicCache``)
+come last.
 
 Shapes: the first (batch) dimension of every input is captured symbolically, so
 the compiled module runs at any batch size. Other dimensions are captured at the
@@ -327,22 +328,27 @@ def _return_like_the_model(gm: fx.GraphModule, output: Any, graph_outputs: Seque
     bytecode assembles the model's output from them, from inputs and from
     constants. So each tensor of the model's output is found, by identity, among
     the graph's outputs or inputs; non-tensor leaves (``None``, numbers) are left
-    out.
+    out. An object ``torch.utils._pytree`` cannot look into (a Hugging Face
+    ``DynamicCache``) is replaced by the graph's other outputs, after the tensors
+    found.
     """
     leaves = [output] if isinstance(output, torch.Tensor) else pytree.tree_leaves(output)
-    opaque = [leaf for leaf in leaves if not isinstance(leaf, (torch.Tensor, type(None), bool, int, float, str))]
-    if opaque:
-        raise CaptureError(f"the model returns a {type(opaque[0]).__name__}, whose tensors exfx cannot find; "
-                           f"return tensors, or tuples, lists or dicts of them")
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    opaque = [type(leaf).__name__ for leaf in leaves
+              if not isinstance(leaf, (torch.Tensor, type(None), bool, int, float, str))]
     node = next(n for n in gm.graph.nodes if n.op == "output")
     computed, placeholders = node.args[0], [n for n in gm.graph.nodes if n.op == "placeholder"]
     returned = []
-    for leaf in (leaf for leaf in leaves if isinstance(leaf, torch.Tensor)):
+    for leaf in tensors:
         found = ([computed[i] for i, t in enumerate(graph_outputs) if t is leaf]
                  or [placeholders[i] for i, t in enumerate(inputs) if t is leaf])
         if not found:
             raise CaptureError("a tensor the model returns is neither computed by the Dynamo graph nor one of its "
                                "inputs (a parameter or a global tensor?); return values computed from the inputs")
         returned.append(found[0])
+    if opaque:
+        returned += [computed[i] for i, t in enumerate(graph_outputs) if not any(t is leaf for leaf in tensors)]
+        logger.warning("Dynamo capture: the model returns %s, whose tensors the captured module returns after the "
+                       "model's other output tensors", ", ".join(sorted(set(opaque))))
     node.args = (returned[0] if isinstance(output, torch.Tensor) else tuple(returned),)
     gm.recompile()

@@ -256,6 +256,19 @@ class DictOut(Head):
         return {"logits": logits, "features": features, "none": None, "again": logits}
 
 
+class _Box:
+    """An output object torch.utils._pytree cannot look into (as a Hugging Face DynamicCache)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class BoxOut(Head):
+    def forward(self, features: torch.Tensor) -> tuple[_Box, torch.Tensor]:
+        hidden = F.relu(self.fc2(features))
+        return _Box(hidden * 2), self.fc3(hidden)
+
+
 NEVER = exfx.Config(threshold=float("-inf"), samples=16)
 
 
@@ -342,3 +355,9 @@ def test_dynamo_capture_returns_a_tensor_for_a_tensor_and_every_output_tensor_ot
     assert isinstance(out, tuple) and len(out) == 3
     for actual, wanted in zip(out, (expected["logits"], features, expected["again"])):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+    with_box = BoxOut().eval()
+    box, logits = with_box(features)
+    out = exfx.compile(with_box, (features,), NEVER, capture="dynamo")(features)
+    assert len(out) == 2  # the model's own tensors first, then the box's
+    torch.testing.assert_close(out[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], box.tensor, rtol=1e-5, atol=1e-5)
