@@ -74,6 +74,16 @@ def test_deterministic_under_seed(task):
     assert first.sites == second.sites
 
 
+def test_data_may_be_a_generator(task):
+    """data is read once into a list, so a one-shot generator gives the same plan as the list."""
+    model, example, data = task
+    from_list = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=3, confidence=0.9)
+    from_generator = exfx.calibrate(model, example, (batch for batch in data), _accuracy, 0.01, max_evals=3,
+                                    confidence=0.9)
+    assert from_generator.sites == from_list.sites
+    assert from_generator.meta["calibration"]["evals"] == from_list.meta["calibration"]["evals"]
+
+
 def test_plan_round_trips_and_fits_the_model(task, tmp_path):
     model, example, data = task
     plan = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=4)
@@ -180,13 +190,22 @@ class _DictOutput(nn.Module):
         return {"logits": logits, "norm": logits.norm(dim=-1)}
 
 
-@pytest.mark.parametrize("form", ["dict outputs", "list targets", "numpy targets"])
+class _TupleOutput(_DictOutput):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().forward(x)
+        return out["logits"], out["norm"]
+
+
+@pytest.mark.parametrize("form", ["dict outputs", "tuple outputs", "list targets", "numpy targets"])
 def test_outputs_and_targets_of_every_batch_are_combined(task, form):
     """A dict output reached the metric as a list of per-batch dicts; list targets were treated as a structure."""
     model, example, data = task
     if form == "dict outputs":
         model = _DictOutput(model).eval()
         metric = lambda out, y: _accuracy(out["logits"], y)  # noqa: E731
+    elif form == "tuple outputs":
+        model = _TupleOutput(model).eval()
+        metric = lambda out, y: _accuracy(out[0], y)  # noqa: E731
     elif form == "list targets":
         data = [(x, y.tolist()) for x, y in data]
         metric = lambda out, y: _accuracy(out, torch.tensor(y))  # noqa: E731
