@@ -211,21 +211,17 @@ def oracle(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], m
            samples: int = 32, progress: bool | None = None) -> Evaluation:
     """The oracle bound: every truly non-positive neuron stops after its first ``samples`` units, at no cost
     in accuracy and with no test overhead. Its score is the model's own."""
+    data = list(data)
     never = exfx_compile(model, normalise_inputs(example_inputs), Config(threshold=-math.inf, samples=samples))
-    outputs, targets, dense, skipped = [], [], 0, 0
-    for batch in tqdm(data, desc="exfx oracle", disable=_quiet(progress), leave=False):
-        inputs, target = _split(batch)
-        output, flops = run_counting(model, *inputs)
-        counter = _NegativeCounter(never)
-        with torch.no_grad():
-            counter.run(*inputs)
-        outputs.append(output)
-        targets.append(target)
-        dense += flops.dense
-        skipped += counter.skipped
-    if not outputs:
-        raise ExfxError("calibration data is empty")
-    return Evaluation(score=float(metric(_concat(outputs), _concat(targets))), executed=dense - skipped, dense=dense)
+    dense = evaluate(model, data, metric, desc="exfx oracle", progress=progress)
+    skipped = 0
+    with torch.no_grad():
+        for batch in data:
+            counter = _NegativeCounter(never)
+            counter.run(*_split(batch)[0])
+            skipped += counter.skipped
+    return Evaluation(score=dense.score, executed=dense.dense - skipped, dense=dense.dense, outputs=dense.outputs,
+                      targets=dense.targets)
 
 
 # ---------------------------------------------------------------------------
