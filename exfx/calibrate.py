@@ -60,7 +60,8 @@ from exfx.ops import enp_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
+__all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES",
+           "DEFAULT_ALPHAS"]
 
 Metric = Callable[[Any, Any], float]
 Batch = Any
@@ -264,8 +265,8 @@ class _Recorder(fx.Interpreter):
         if n.op != "call_function":
             return result
         if n.target is torch.ops.exfx.early_exit.default:
-            state, weight, bias, residual, _active, count, fan_in, _rule, _param, site = self.fetch_args_kwargs_from_env(
-                n)[0]
+            args = self.fetch_args_kwargs_from_env(n)[0]
+            state, weight, bias, residual, _active, count, fan_in, _rule, _param, site = args
             picked = self._pick(site, state[0].numel())
             per_rule = self.samples.setdefault(site, _SiteSample()).checkpoints.setdefault(
                 count, {r: [] for r in enp_ops.RULES})

@@ -112,7 +112,8 @@ def _user_frame(err: BaseException) -> str:
     return f" at `{frame.name}` line {frame.lineno}{code}"
 
 
-def _trace(model: torch.nn.Module, leaf_modules: Sequence[str], concrete_args: Mapping[str, Any] | None) -> fx.GraphModule:
+def _trace(model: torch.nn.Module, leaf_modules: Sequence[str],
+           concrete_args: Mapping[str, Any] | None) -> fx.GraphModule:
     unknown = [name for name in leaf_modules if name not in dict(model.named_modules())]
     if unknown:
         raise CaptureError(f"leaf_modules names {unknown} that are not submodules of the model")

@@ -94,7 +94,8 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
           f"{plan.meta['calibration']['evals']} evaluations, {plan.meta['calibration']['seconds']:.1f} s")
     for site, params in plan.sites.items():
         value = f"T={params.threshold:.4g}" if params.rule == "threshold" else f"alpha={params.alpha:g}"
-        setting = f"{params.rule} {value}, samples {','.join(map(str, params.samples))}" if params.enabled else "disabled"
+        samples = ",".join(map(str, params.samples))
+        setting = f"{params.rule} {value}, samples {samples}" if params.enabled else "disabled"
         lines.append(f"  {site:<14} {setting}")
     lines.append("\nreported on images 500-999:")
     lines.append(f"  accuracy  dense {100 * dense.score:.2f}%  ->  exfx {100 * calibrated.score:.2f}%")

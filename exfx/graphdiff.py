@@ -118,7 +118,8 @@ def site_summary(report: Report | None) -> list[str]:
     for s in report.sites:
         if s.eligible and s.params is not None:
             p = s.params
-            rule = f"threshold T={_format_arg(float(p.threshold))}" if p.rule == "threshold" else f"ztest alpha={p.alpha!r}"
+            threshold = _format_arg(float(p.threshold))
+            rule = f"threshold T={threshold}" if p.rule == "threshold" else f"ztest alpha={p.alpha!r}"
             samples = ",".join(map(str, p.samples))
             lines.append(f"site {s.name}: {s.signature}; group {s.group}; {rule}; samples {samples}")
         else:
@@ -155,7 +156,8 @@ def structural_graph(text: str) -> nx.MultiDiGraph:
             continue
         match = _NODE_LINE.match(line)
         if match:
-            name, op, target, note, args = match["name"], match["op"], match["target"], match["note"] or "", match["args"]
+            name, op, target, args = match["name"], match["op"], match["target"], match["args"]
+            note = match["note"] or ""
             if op == "placeholder":
                 label = "placeholder"
             elif op == "get_attr":

@@ -343,7 +343,8 @@ class CanonicalizePass(PassBase):
         if any(isinstance(values[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
             return False
         weight = values["weight"]
-        shape = weight.meta.get("tensor_meta").shape if isinstance(weight, fx.Node) and "tensor_meta" in weight.meta else None
+        has_meta = isinstance(weight, fx.Node) and "tensor_meta" in weight.meta
+        shape = weight.meta["tensor_meta"].shape if has_meta else None
         dilation, stride = _as_list(values["dilation"], dims), _as_list(values["stride"], dims)
         padding = self._explicit_padding(values["padding"], shape, dilation, stride, dims)
         if padding is None:

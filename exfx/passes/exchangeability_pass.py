@@ -687,7 +687,8 @@ def _match_chain(relu: fx.Node) -> _Chain:
             if tuple(torch.broadcast_shapes(_shape(other), _shape(current))) != _shape(current):
                 return _Chain(None, None, [], f"the residual `{other.name}` broadcasts the pre-activation")
             if len(side.users) != 1:  # type: ignore[union-attr]
-                return _Chain(None, None, [], f"`{side.name}` is also used outside the pre-activation")  # type: ignore[union-attr]
+                used = f"`{side.name}` is also used outside the pre-activation"  # type: ignore[union-attr]
+                return _Chain(None, None, [], used)
             shifts.append(other)
             current = side
             continue
