@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -87,20 +88,16 @@ def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
         return getattr(node.target, "__name__", type(node.target).__name__)
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
 def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "output":
         return f"return {_format_arg(node.args[0])}"
     args = [_format_arg(a) for a in node.args] + [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
     notes = []
     if node.op == "get_attr":
-        value = _attr(gm, str(node.target))
+        try:
+            value = operator.attrgetter(str(node.target))(gm)
+        except AttributeError:
+            value = None
         if isinstance(value, torch.Tensor):
             notes.append(_tensor_type(value))
     exfx_meta = node.meta.get("exfx", {})

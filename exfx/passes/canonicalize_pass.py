@@ -305,7 +305,7 @@ class CanonicalizePass(PassBase):
         lhs, rhs = node.args
         if not (isinstance(rhs, fx.Node) and rhs.op == "get_attr"):
             return False
-        value = _fetch_attr(gm, str(rhs.target))
+        value = operator.attrgetter(str(rhs.target))(gm)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             return False
         with gm.graph.inserting_before(node):
@@ -438,10 +438,3 @@ def _param_name(node: Any) -> str | None:
         return None
     target = str(node.target)
     return target[: -len(".weight")] if target.endswith(".weight") else target
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -281,7 +281,7 @@ class ExchangeabilityPass(PassBase):
             if target is F.batch_norm:
                 return self._channelwise(node, g)
             if target is F.layer_norm:
-                return self._layer_norm(node, g)
+                return self._pointwise(node, g)  # normalising over an axis is symmetric in it
             if target in _POOL_FUNCTIONS:
                 return self._pool(node, g)
             if target in _REDUCE_FUNCTIONS:
@@ -373,10 +373,6 @@ class ExchangeabilityPass(PassBase):
         for stat in node.all_input_nodes[1:]:
             if _rank(stat) == 1:
                 g.join(stat, 0, node, 1)
-
-    @staticmethod
-    def _layer_norm(node: fx.Node, g: _AxisGraph) -> None:
-        ExchangeabilityPass._pointwise(node, g)
 
     @staticmethod
     def _linear(node: fx.Node, g: _AxisGraph) -> None:

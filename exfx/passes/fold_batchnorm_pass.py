@@ -26,6 +26,7 @@ exact algebra.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -86,13 +87,13 @@ class FoldBatchNormPass(PassBase):
         out_meta = producer.meta.get("tensor_meta")
         if producer.target is F.linear and (out_meta is None or len(out_meta.shape) != 2):
             return False
-        weight = _fetch(gm, str(weight_node.target))
+        weight = operator.attrgetter(str(weight_node.target))(gm)
         if weight.shape[0] != stats.mean.shape[0]:
             return False
         scale, shift = stats.scale_and_shift()
         view = (-1,) + (1,) * (weight.dim() - 1)
         new_weight = (weight.double() * scale.reshape(view)).to(weight.dtype)
-        old_bias = _fetch(gm, str(bias_node.target)).double() if bias_node is not None else 0.0
+        old_bias = operator.attrgetter(str(bias_node.target))(gm).double() if bias_node is not None else 0.0
         new_bias = (old_bias * scale + shift).to(weight.dtype)
         _assign(gm, str(weight_node.target), new_weight)
         if bias_node is None:
@@ -141,19 +142,12 @@ def _batchnorm_stats(gm: fx.GraphModule, node: fx.Node) -> _BatchNormStats | Non
             if value is None and key in ("weight", "bias"):
                 tensors[key] = None
             elif isinstance(value, fx.Node) and value.op == "get_attr":
-                tensors[key] = _fetch(gm, str(value.target))
+                tensors[key] = operator.attrgetter(str(value.target))(gm)
             else:
                 return None
         return _BatchNormStats(tensors["running_mean"], tensors["running_var"], tensors["weight"],
                                tensors["bias"], float(values["eps"]))
     return None
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
