@@ -171,13 +171,18 @@ def test_sum_of_squares_moment_matches_brute_force(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "grouped", "conv1d"])
-def test_conv_moment_is_chunk_invariant(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forcing one input channel per chunk gives the same second moment."""
+def test_conv_moment_is_the_sum_of_squared_channel_terms(kind: str) -> None:
+    """The second moment is, by definition, sum over input channels of (that channel's conv term) ** 2."""
     c = _case(kind)
-    whole = _partial(c, None, None, 0, c["n_units"], moments=True)
-    monkeypatch.setattr(enp_ops, "_MOMENT_CHUNK_ELEMENTS", 1)
-    chunked = _partial(c, None, None, 0, c["n_units"], moments=True)
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    conv = torch.nn.functional.conv1d if c["w"].dim() == 3 else torch.nn.functional.conv2d
+    expected = torch.zeros(())
+    for channel in range(c["x"].shape[1]):
+        only = torch.zeros_like(c["x"])
+        only[:, channel] = c["x"][:, channel]
+        term = conv(only, c["w"], None, c["stride"], c["padding"], c["dilation"], c["groups"])
+        expected = expected + term * term
+    moment = _partial(c, None, None, 0, c["n_units"], moments=True)[1]
+    torch.testing.assert_close(moment, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_partial_sum_does_not_alias_or_mutate_state() -> None:
