@@ -17,9 +17,12 @@
 3. **Allocate across sites.** For a price ``lam``, each site takes the
    candidate that maximises ``saved FLOPs / model FLOPs - lam * damage``. This is
    the Lagrangian of "fewest FLOPs subject to bounded damage", solved exactly
-   per site. A bisection on ``log lam`` then runs **full evaluations** on the
-   calibration data and keeps the plan with the fewest measured executed FLOPs
-   whose metric drop stays within ``budget``.
+   per site. Sweeping ``lam`` over a fine log grid from conservative to
+   aggressive gives an ordered *path* of distinct allocations, each saving more
+   and damaging more than the one before. A **binary search** along the path
+   then runs full evaluations on the calibration data and keeps the most
+   aggressive plan whose metric drop stays within ``budget``: about
+   ``log2(path length)`` evaluations, never more than ``max_evals``.
 
 Everything is deterministic under ``seed`` (the neuron sample), and the data is
 read in the order given. The returned plan's ``meta["calibration"]`` records the
@@ -66,7 +69,8 @@ __all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Ev
 Metric = Callable[[Any, Any], float]
 Batch = Any
 
-DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = ((32,), (16, 32), (16,), (8, 16, 32))
+#: Every checkpoint schedule over {8, 16, 32}: pricing is offline, so more candidates cost no evaluation.
+DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = ((8,), (16,), (32,), (8, 16), (8, 32), (16, 32), (8, 16, 32))
 DEFAULT_ALPHAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 _THRESHOLD_QUANTILES = tuple(q / 100 for q in (1, 2, 3, 5, 7, 10, 13, 16, 20, 25, 30, 35, 40, 45, 50, 60, 70))
 
@@ -369,6 +373,25 @@ def _allocate(candidates: dict[str, list[_Candidate]], total: float, lam: float)
             for name, options in candidates.items()}
 
 
+_LAMBDA_GRID = tuple(math.exp(math.log(1e4) - i * math.log(1e8) / 400) for i in range(401))
+
+
+def _allocation_path(candidates: dict[str, list[_Candidate]],
+                     total: float) -> list[tuple[float, dict[str, SiteParams]]]:
+    """Distinct allocations along a log grid of prices, from conservative (``lam`` 1e4) to aggressive (1e-4).
+
+    An allocation that disables every site is left out: it is the baseline, already evaluated.
+    """
+    path: list[tuple[float, dict[str, SiteParams]]] = []
+    for lam in _LAMBDA_GRID:
+        allocation = _allocate(candidates, total, lam)
+        if not any(params.enabled for params in allocation.values()):
+            continue
+        if not path or allocation != path[-1][1]:
+            path.append((lam, allocation))
+    return path
+
+
 def _plan(signatures: dict[str, str], sites: Mapping[str, SiteParams] | None = None) -> Plan:
     """A plan for every structurally eligible site: ``sites``' parameters, and every other site disabled.
 
@@ -402,7 +425,7 @@ def _check_args(budget: float, schedules: Sequence[tuple[int, ...]]) -> float:
 def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
               budget: float = 0.001, config: Config | None = None, *,
               schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
-              max_evals: int = 12, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
+              max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
               progress: bool | None = None) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
@@ -424,7 +447,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
             that fits none is disabled in the plan).
         alphas: candidate z-test levels.
-        max_evals: full evaluations after the baseline (the bisection budget).
+        max_evals: at most this many full evaluations after the baseline (the binary search stops
+            earlier once it has pinned the budget's edge on the path).
         max_neurons: neurons sampled per site by the instrumented pass.
         seed: seeds the neuron sample (and the bootstrap); same seed and data, same plan.
         confidence: if set (e.g. 0.95), a plan must also keep the upper
@@ -456,38 +480,33 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
     samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
     candidates = {name: _candidates(sample, schedules, alphas) for name, sample in samples.items()}
-    total = float(baseline.dense)
 
-    def trial(lam: float) -> tuple[Plan, Evaluation]:
-        plan = _plan(signatures, _allocate(candidates, total, lam))
-        compiled = exfx_compile(model, example_inputs, plan=plan)
-        return plan, evaluate(compiled, data, metric, desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
-
+    path = _allocation_path(candidates, float(baseline.dense))
+    logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))
     best: tuple[Plan, Evaluation, float] | None = None
-    lo, hi = math.log(1e-4), math.log(1e4)  # aggressive .. conservative
-    bar = tqdm(total=max_evals, desc="exfx calibrate: search", disable=_quiet(progress), leave=False)
-    for step in range(max_evals):
-        lam_log = hi if step == 0 else (lo if step == 1 else (lo + hi) / 2)
-        plan, result = trial(math.exp(lam_log))
+    lo, hi = -1, len(path)  # path[lo] is known feasible (-1: the empty plan), path[hi] known over budget
+    bar = tqdm(total=min(max_evals, math.ceil(math.log2(len(path) + 1))), desc="exfx calibrate: search",
+               disable=_quiet(progress), leave=False)
+    while hi - lo > 1 and evals - 1 < max_evals:
+        mid = (lo + hi) // 2
+        lam, allocation = path[mid]
+        plan = _plan(signatures, allocation)
+        result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric,
+                          desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
         evals += 1
         bar.update(1)
         drop = baseline.score - result.score
         if confidence is not None:
             drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
         feasible = drop <= budget + 1e-12
-        logger.info("calibrate: lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", math.exp(lam_log),
-                    result.score, baseline.score, result.reduction, "ok" if feasible else "over budget")
-        if feasible and (best is None or result.executed < best[1].executed):
-            best = (plan, result, math.exp(lam_log))
-        if step == 0 and not feasible:
-            break  # even the most conservative allocation is over budget
-        if step == 1 and feasible:
-            break  # the most aggressive allocation fits: nothing left to search
-        if step >= 2:
-            if feasible:
-                hi = lam_log
-            else:
-                lo = lam_log
+        logger.info("calibrate: lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", lam, result.score,
+                    baseline.score, result.reduction, "ok" if feasible else "over budget")
+        if feasible:
+            lo = mid
+            if best is None or result.executed < best[1].executed:
+                best = (plan, result, lam)
+        else:
+            hi = mid
     bar.close()
     if best is None:
         return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)

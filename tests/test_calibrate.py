@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import exfx
-from exfx.calibrate import _eligible_sites, _instrument, evaluate, oracle
+from exfx.calibrate import (DEFAULT_SCHEDULES, _allocation_path, _candidates, _eligible_sites, _instrument, evaluate,
+                            oracle)
 
 from models import VGGish
 
@@ -58,6 +59,33 @@ def test_budget_holds_on_the_calibration_data(task, budget):
     assert meta["reduction"] == pytest.approx(achieved.reduction)
     assert achieved.reduction > 0.05
     assert meta["evals"] <= 8 + 1 and meta["seconds"] > 0
+
+
+def test_allocation_path_runs_from_conservative_to_aggressive(task):
+    """Along the path, every step is a distinct allocation whose predicted savings and damage do not go down."""
+    model, example, data = task
+    sites, signatures = _eligible_sites(model, example, DEFAULT_SCHEDULES)
+    checkpoints = {s.name: (8, 16, 32) for s in sites}
+    samples = _instrument(model, example, data, sites, signatures, checkpoints, 20_000, 0, False)
+    candidates = {name: _candidates(sample, DEFAULT_SCHEDULES, (0.01, 0.1, 0.3)) for name, sample in samples.items()}
+    path = _allocation_path(candidates, 1e9)
+    assert len(path) > 3
+    priced = {name: {c.params: c for c in options} for name, options in candidates.items()}
+    totals = [(sum(priced[n][p].saved for n, p in alloc.items()), sum(priced[n][p].damage for n, p in alloc.items()))
+              for _, alloc in path]
+    lams = [lam for lam, _ in path]
+    assert lams == sorted(lams, reverse=True)
+    assert all(a != b for (_, a), (_, b) in zip(path, path[1:]))
+    assert all(later[0] >= earlier[0] - 1e-6 and later[1] >= earlier[1] - 1e-9
+               for earlier, later in zip(totals, totals[1:]))
+    assert all(any(p.enabled for p in alloc.values()) for _, alloc in path)
+
+
+def test_binary_search_needs_about_log2_path_evaluations(task):
+    model, example, data = task
+    plan = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=30)
+    # 401 grid prices give at most 401 allocations: a binary search needs at most ceil(log2(402)) = 9 of them
+    assert plan.meta["calibration"]["evals"] <= 1 + 9
 
 
 def test_looser_budget_saves_at_least_as_much(task):
