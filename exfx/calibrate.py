@@ -339,7 +339,8 @@ def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, m
     return flops, (lost / mass if mass > 0 else 0.0)
 
 
-def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float]) -> list[_Candidate]:
+def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],
+                rules: Sequence[str] = ("threshold", "ztest")) -> list[_Candidate]:
     stats, pre = sample.tensors()
     positive = pre.clamp_min(0.0)
     mass = float(positive.sum())
@@ -354,8 +355,9 @@ def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alpha
         thresholds = sorted({float(v) for v in torch.quantile(finite, torch.tensor(_THRESHOLD_QUANTILES,
                                                                                      dtype=finite.dtype))}
                             ) if finite.numel() else []
-        options = [SiteParams(rule="threshold", threshold=t, samples=schedule) for t in thresholds]
-        if schedule[0] >= 2:
+        options = [SiteParams(rule="threshold", threshold=t, samples=schedule) for t in thresholds
+                   if "threshold" in rules]
+        if schedule[0] >= 2 and "ztest" in rules:
             options += [SiteParams(rule="ztest", alpha=a, samples=schedule) for a in alphas]
         for params in options:
             flops, damage = _replay(stats, positive, mass, sample, params)
@@ -443,7 +445,9 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
             :func:`exfx.compile`); the baseline is the model compiled with every
             site disabled, so each plan's drop is that of early exit alone.
         budget: allowed absolute metric drop (0.001 = 0.1 point, 0.01 = 1 point).
-        config: unused beyond validation; kept for API symmetry with compile.
+        config: if given, restricts the search to ``config.rule`` and the single
+            schedule ``config.samples`` (its threshold or alpha is searched, not
+            taken); by default both rules and every schedule in ``schedules``.
         schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
             that fits none is disabled in the plan).
         alphas: candidate z-test levels.
@@ -465,6 +469,9 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     budget = _check_args(budget, schedules)
     if config is not None and not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
+    rules: tuple[str, ...] = ("threshold", "ztest") if config is None else (config.rule,)
+    if config is not None:
+        schedules = (tuple(config.samples),)
     if max_evals < 2:
         raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
     if confidence is not None and not 0.5 <= confidence < 1.0:
@@ -479,7 +486,7 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
     samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
-    candidates = {name: _candidates(sample, schedules, alphas) for name, sample in samples.items()}
+    candidates = {name: _candidates(sample, schedules, alphas, rules) for name, sample in samples.items()}
 
     path = _allocation_path(candidates, float(baseline.dense))
     logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))

@@ -161,6 +161,14 @@ def test_a_site_no_schedule_fits_is_disabled_not_left_to_the_default(search):
     assert evaluate(compiled, data, _accuracy).score == plan.meta["calibration"]["score"] == 1.0
 
 
+@pytest.mark.parametrize("rule", ["threshold", "ztest"])
+def test_config_restricts_the_search_to_its_rule_and_schedule(task, rule):
+    model, example, data = task
+    plan = exfx.calibrate(model, example, data, _accuracy, 0.03, exfx.Config(rule=rule, samples=(8, 16)), max_evals=9)
+    enabled = [p for p in plan.sites.values() if p.enabled]
+    assert enabled and all(p.rule == rule and p.samples == (8, 16) for p in enabled)
+
+
 def test_model_without_sites_gives_an_empty_plan():
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     data = [(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))]
