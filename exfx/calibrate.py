@@ -1,4 +1,4 @@
-"""Calibration: per-site early-exit parameters for an accuracy budget, in a dozen evaluations.
+"""Calibration: per-site early-exit parameters for an accuracy budget, in about ten evaluations.
 
 :func:`calibrate` uses the structure of the problem instead of blind search:
 
@@ -6,14 +6,17 @@
    candidate checkpoint, and run over the calibration data. At each checkpoint
    of each site it records, for a seeded random sample of neurons, both rules'
    test statistics (the mean term and the z-score), and at completion the
-   neuron's true pre-activation.
+   neuron's true pre-activation. A second pass runs the analysed graph with
+   autograd and records, for the same neurons, the gradient of a random
+   projection of the outputs: the neuron's *gain* on the outputs.
 2. **Price every candidate offline.** For each site, each rule (threshold,
    z-test), each schedule and each parameter on a grid (thresholds at quantiles
    of the recorded statistic, a ladder of alphas), it replays the early-exit
    tests on the recorded neurons. That gives the executed FLOPs per neuron, with
    the test overhead and the same FLOP convention as :mod:`exfx.flops`, and the
-   *damage*: the fraction of the site's post-ReLU activation mass that false
-   prunes would zero.
+   *damage*: the first-order output energy ``sum (gain * activation) ** 2`` of
+   the neurons it would falsely zero, as a share of the whole model's. A site
+   whose errors later layers amplify therefore costs more per false prune.
 3. **Allocate across sites.** For a price ``lam``, each site takes the
    candidate that maximises ``saved FLOPs / model FLOPs - lam * damage``. This is
    the Lagrangian of "fewest FLOPs subject to bounded damage", solved exactly
@@ -51,10 +54,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from exfx.api import compile as exfx_compile
-from exfx.api import explain
+from exfx.api import _analyse, explain
 from exfx.capture import normalise_inputs
 from exfx.config import Config, Plan, SiteParams
 from exfx.errors import ExfxError
@@ -69,8 +73,10 @@ __all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Ev
 Metric = Callable[[Any, Any], float]
 Batch = Any
 
-#: Every checkpoint schedule over {8, 16, 32}: pricing is offline, so more candidates cost no evaluation.
-DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = ((8,), (16,), (32,), (8, 16), (8, 32), (16, 32), (8, 16, 32))
+#: Every checkpoint schedule over {8, 16, 32, 64} (a site takes those that fit its fan-in): pricing is
+#: offline, so more candidates cost no evaluation, only a little more work in the instrumented pass.
+DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = tuple(
+    tuple(k for k, bit in zip((8, 16, 32, 64), f"{mask:04b}"[::-1]) if bit == "1") for mask in range(1, 16))
 DEFAULT_ALPHAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 _THRESHOLD_QUANTILES = tuple(q / 100 for q in (1, 2, 3, 5, 7, 10, 13, 16, 20, 25, 30, 35, 40, 45, 50, 60, 70))
 
@@ -243,10 +249,21 @@ class _SiteSample:
     neurons: int = 0  # all neurons seen, not just the sample
     checkpoints: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
     pre: list[torch.Tensor] = field(default_factory=list)
+    picks: list[torch.Tensor] = field(default_factory=list)  # the sampled indices, one tensor per batch
+    gains: list[torch.Tensor] = field(default_factory=list)  # d(r . outputs) / d(activation), per sampled neuron
 
     def tensors(self) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor]:
         stats = {k: {rule: torch.cat(v) for rule, v in per_rule.items()} for k, per_rule in self.checkpoints.items()}
         return stats, torch.cat(self.pre)
+
+    def harm(self) -> torch.Tensor:
+        """Per sampled neuron, the harm of zeroing it: first-order output energy ``(gain * activation) ** 2``,
+        or, without gains, its activation as a share of the site's activation mass."""
+        positive = torch.cat(self.pre).clamp_min(0.0)
+        if self.gains:
+            return (torch.cat(self.gains) * positive) ** 2
+        mass = float(positive.sum())
+        return positive / mass if mass > 0 else positive
 
 
 class _Recorder(fx.Interpreter):
@@ -285,6 +302,7 @@ class _Recorder(fx.Interpreter):
             sample.cost_per_unit = 2 * enp_ops.terms_per_unit(x, weight, n_units)
             picked = self._pick(site, result.numel())
             sample.pre.append(result.reshape(-1)[picked].double())
+            sample.picks.append(picked)
             sample.neurons += result.numel()
         return result
 
@@ -307,6 +325,60 @@ def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: I
     return samples
 
 
+class _GainProbe(fx.Interpreter):
+    """Interprets the analysed (pre-rewrite) graph with autograd, keeping each site's ReLU output."""
+
+    def __init__(self, gm: fx.GraphModule, sites: set[str]) -> None:
+        super().__init__(gm)
+        self.sites = sites
+        self.activations: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        site = n.meta.get("exfx", {}).get("site") if n.op == "call_function" and n.target is torch.relu else None
+        if site in self.sites and isinstance(result, torch.Tensor):
+            if not result.requires_grad:
+                result = result.detach().requires_grad_()
+            self.activations[site] = result
+        return result
+
+
+def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batches: Sequence[Batch],
+                  samples: dict[str, _SiteSample], seed: int, progress: bool | None) -> None:
+    """Fill each sample's ``gains``: the gradient of a random projection ``r . outputs`` at its neurons.
+
+    Zeroing a neuron with activation ``a`` moves the outputs by about ``-a * J``;
+    over random ``r``, ``E[(r . J a) ** 2] = |J a| ** 2``, so ``(gain * a) ** 2`` is a
+    first-order estimate of the output energy a false prune costs, comparable
+    across sites. Uses ``torch.autograd.grad``, so no parameter's ``.grad`` changes.
+    On a graph that autograd cannot run, it logs a warning and leaves the gains
+    empty (damage then falls back to each site's share of activation mass).
+    """
+    gm, _ = _analyse(model, example_inputs, Config(), (), None, (), "auto")
+    generator = torch.Generator().manual_seed(seed + 1)
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="exfx calibrate: gains", disable=_quiet(progress),
+                                           leave=False)):
+            inputs, _ = _split(batch)
+            with torch.enable_grad():
+                probe = _GainProbe(gm, set(samples))
+                leaves = [t for t in tree_leaves(probe.run(*inputs))
+                          if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+                names = [name for name in samples if name in probe.activations]
+                if not leaves or len(names) != len(samples):
+                    raise RuntimeError("the outputs do not depend differentiably on every site")
+                projection = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves)
+                grads = torch.autograd.grad(projection, [probe.activations[n] for n in names], allow_unused=True)
+            for name, grad in zip(names, grads):
+                picked = samples[name].picks[index]
+                gain = torch.zeros(len(picked), dtype=torch.double) if grad is None else grad.reshape(-1)[picked]
+                samples[name].gains.append(gain.detach().double())
+    except (RuntimeError, TypeError, ExfxError) as err:
+        logger.warning("calibrate: no output gradients (%s); damage falls back to activation mass per site", err)
+        for sample in samples.values():
+            sample.gains.clear()
+
+
 # ---------------------------------------------------------------------------
 # 2. Pricing candidates
 # ---------------------------------------------------------------------------
@@ -319,9 +391,9 @@ class _Candidate:
     damage: float  # fraction of post-ReLU mass zeroed by false prunes
 
 
-def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, mass: float,
+def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, harm: torch.Tensor,
             sample: _SiteSample, params: SiteParams) -> tuple[float, float]:
-    """Executed FLOPs per neuron and damage of ``params`` on the recorded neurons."""
+    """Executed FLOPs per neuron and summed harm of the false prunes of ``params``, on the recorded neurons."""
     cut = enp_ops.cutoff(params.rule, params.param)
     active = torch.ones_like(positive, dtype=torch.bool)
     flops, done = 0.0, 0
@@ -335,15 +407,15 @@ def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, m
         active &= ~(stats[k][params.rule] < cut)
         done = k
     flops += float(active.double().mean()) * (sample.fan_in - done) * sample.cost_per_unit
-    lost = float(positive[~active].sum())
-    return flops, (lost / mass if mass > 0 else 0.0)
+    return flops, float(harm[~active & (positive > 0)].sum())
 
 
 def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],
-                rules: Sequence[str] = ("threshold", "ztest")) -> list[_Candidate]:
+                rules: Sequence[str] = ("threshold", "ztest"), harm_scale: float = 1.0) -> list[_Candidate]:
+    """Every candidate's FLOPs saved and damage; damage is the sample's harm of false prunes times ``harm_scale``."""
     stats, pre = sample.tensors()
     positive = pre.clamp_min(0.0)
-    mass = float(positive.sum())
+    harm = sample.harm()
     dense = sample.fan_in * sample.cost_per_unit
     scale = sample.neurons
     out = [_Candidate(SiteParams(enabled=False), 0.0, 0.0)]
@@ -360,9 +432,24 @@ def _candidates(sample: _SiteSample, schedules: Sequence[tuple[int, ...]], alpha
         if schedule[0] >= 2 and "ztest" in rules:
             options += [SiteParams(rule="ztest", alpha=a, samples=schedule) for a in alphas]
         for params in options:
-            flops, damage = _replay(stats, positive, mass, sample, params)
-            out.append(_Candidate(params, (dense - flops) * scale, damage))
+            flops, damage = _replay(stats, positive, harm, sample, params)
+            out.append(_Candidate(params, (dense - flops) * scale, damage * harm_scale))
     return out
+
+
+def _harm_scales(samples: Mapping[str, _SiteSample]) -> dict[str, float]:
+    """Per site, the factor that makes sampled harm comparable across sites.
+
+    With gains, harm is extrapolated from the sample to all the site's neurons and
+    divided by the model's total first-order output energy, so one unit of damage
+    means the same at every site. Without gains, each site's damage is already a
+    share of its own activation mass.
+    """
+    if not all(sample.gains for sample in samples.values()):
+        return {name: 1.0 for name in samples}
+    extrapolated = {name: sample.neurons / len(sample.harm()) for name, sample in samples.items()}
+    total = sum(float(sample.harm().sum()) * extrapolated[name] for name, sample in samples.items())
+    return {name: extrapolated[name] / total if total > 0 else 1.0 for name in samples}
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +515,7 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
               budget: float = 0.001, config: Config | None = None, *,
               schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
               max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
-              progress: bool | None = None) -> Plan:
+              sensitivity: str = "gradient", progress: bool | None = None) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
     Args:
@@ -459,6 +546,12 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
             ``confidence`` quantile of its drop under a paired bootstrap of the
             examples within ``budget``: a guard against a small calibration set
             that happens to hide flipped predictions. Default: the plain drop.
+        sensitivity: how a false prune's damage is weighed across sites.
+            ``"gradient"`` (default): first-order output energy, from one
+            backward pass per batch of a random projection of the outputs, so
+            a site whose errors the later layers amplify costs more.
+            ``"mass"``: the pruned share of the site's own activation mass, the
+            same at every site.
         progress: show tqdm bars (default: when attached to a terminal).
 
     See the module docstring for the method. ``plan.meta["calibration"]`` holds
@@ -476,6 +569,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
     if confidence is not None and not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
+    if sensitivity not in ("gradient", "mass"):
+        raise ValueError(f"sensitivity must be 'gradient' or 'mass', got {sensitivity!r}")
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
     sites, signatures = _eligible_sites(model, example_inputs, schedules)
@@ -486,7 +581,10 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
         return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
     samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
-    candidates = {name: _candidates(sample, schedules, alphas, rules) for name, sample in samples.items()}
+    if sensitivity == "gradient":
+        _record_gains(model, example_inputs, data, samples, seed, progress)
+    scales = _harm_scales(samples)
+    candidates = {name: _candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
 
     path = _allocation_path(candidates, float(baseline.dense))
     logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))

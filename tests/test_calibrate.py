@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import exfx
-from exfx.calibrate import (DEFAULT_SCHEDULES, _allocation_path, _candidates, _eligible_sites, _instrument, evaluate,
-                            oracle)
+from exfx.calibrate import (DEFAULT_SCHEDULES, _allocation_path, _candidates, _eligible_sites, _instrument,
+                            _record_gains, evaluate, oracle)
 
 from models import VGGish
 
@@ -79,6 +79,23 @@ def test_allocation_path_runs_from_conservative_to_aggressive(task):
     assert all(later[0] >= earlier[0] - 1e-6 and later[1] >= earlier[1] - 1e-9
                for earlier, later in zip(totals, totals[1:]))
     assert all(any(p.enabled for p in alloc.values()) for _, alloc in path)
+
+
+def test_gains_are_the_gradient_of_the_projected_outputs():
+    """For out = W4 relu(z) + b4 after site "2", the gain of its neuron j on example n is (r_n . W4[:, j])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 5)).eval()
+    data = [(torch.randn(10, 8), torch.zeros(10, dtype=torch.long)) for _ in range(2)]
+    example = (data[0][0][:2],)
+    sites, signatures = _eligible_sites(model, example, ((16,),))
+    samples = _instrument(model, example, data, sites, signatures, {"2": (16,)}, 10_000, 0, False)
+    _record_gains(model, example, data, samples, seed=0, progress=False)
+    generator = torch.Generator().manual_seed(1)  # the projection's generator: seed + 1
+    for index, _ in enumerate(data):
+        expected = torch.randn(10, 5, generator=generator) @ model[4].weight.detach()
+        picked = samples["2"].picks[index]
+        torch.testing.assert_close(samples["2"].gains[index], expected.reshape(-1)[picked].double())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_binary_search_needs_about_log2_path_evaluations(task):
