@@ -65,7 +65,7 @@ def test_allocation_path_runs_from_conservative_to_aggressive(task):
     """Along the path, every step is a distinct allocation whose predicted savings and damage do not go down."""
     model, example, data = task
     sites, signatures = _eligible_sites(model, example, DEFAULT_SCHEDULES)
-    checkpoints = {s.name: (8, 16, 32) for s in sites}
+    checkpoints = {s.name: (8, 16, 32, 64) for s in sites}
     samples = _instrument(model, example, data, sites, signatures, checkpoints, 20_000, 0, False)
     candidates = {name: _candidates(sample, DEFAULT_SCHEDULES, (0.01, 0.1, 0.3)) for name, sample in samples.items()}
     path = _allocation_path(candidates, 1e9)
