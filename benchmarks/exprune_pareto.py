@@ -1,6 +1,6 @@
 """Pareto plots for the reproduction table: test metric against executed FLOPs, both rules, the oracle point.
 
-Run after the table:  python -m benchmarks.exprune_pareto
+Run after the table:  python -m benchmarks.exprune_pareto [--models vgg11 ...] [--threads N]
 
 For each model in benchmarks/results/exprune.json it sweeps each rule uniformly
 over all sites (descriptive curves, nothing is selected here), and marks the
@@ -10,7 +10,10 @@ test split. Writes benchmarks/results/pareto_<model>.png.
 
 from __future__ import annotations
 
+import argparse
 import json
+
+import torch
 
 import exfx
 from benchmarks.exprune_table import BENCHMARKS, ORACLE_SAMPLES, RESULTS
@@ -18,9 +21,16 @@ from exfx import pareto
 from exfx.calibrate import evaluate, oracle
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, help="default: every model in exprune.json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     records = json.loads((RESULTS / "exprune.json").read_text())
     for record in records:
+        if args.models is not None and record["model"] not in args.models:
+            continue
         bench = BENCHMARKS[record["model"]]()
         examples = sum(len(t) for _, t in bench.test)
         points = {"dense": evaluate(bench.model, bench.test, bench.metric)}
@@ -32,7 +42,7 @@ def main() -> None:
                                         samples=ORACLE_SAMPLES)
         curves = pareto.sweep(bench.model, bench.example_inputs, bench.test, bench.metric)
         path = RESULTS / f"pareto_{record['model']}.png"
-        pareto.plot(path, f"exfx: {record['model']} ({bench.note.split(',')[0]})", curves, points, examples,
+        pareto.plot(path, f"exfx: {record['model']}, test split", curves, points, examples,
                     f"test {record['metric']}")
         print(f"wrote {path}")
 
