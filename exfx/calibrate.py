@@ -388,7 +388,7 @@ def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batch
 class _Candidate:
     params: SiteParams
     saved: float  # FLOPs saved over the calibration data (extrapolated from the sample)
-    damage: float  # fraction of post-ReLU mass zeroed by false prunes
+    damage: float  # harm of the false prunes, comparable across sites (see _SiteSample.harm and _harm_scales)
 
 
 def _replay(stats: dict[int, dict[str, torch.Tensor]], positive: torch.Tensor, harm: torch.Tensor,
@@ -447,8 +447,9 @@ def _harm_scales(samples: Mapping[str, _SiteSample]) -> dict[str, float]:
     """
     if not all(sample.gains for sample in samples.values()):
         return {name: 1.0 for name in samples}
-    extrapolated = {name: sample.neurons / len(sample.harm()) for name, sample in samples.items()}
-    total = sum(float(sample.harm().sum()) * extrapolated[name] for name, sample in samples.items())
+    harms = {name: sample.harm() for name, sample in samples.items()}
+    extrapolated = {name: samples[name].neurons / len(harm) for name, harm in harms.items()}
+    total = sum(float(harm.sum()) * extrapolated[name] for name, harm in harms.items())
     return {name: extrapolated[name] / total if total > 0 else 1.0 for name in samples}
 
 
