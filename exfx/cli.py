@@ -4,7 +4,7 @@ Usage::
 
     exfx explain [SPEC] [--rule ztest --alpha 0.05 --samples 16,32] [--plan plan.json] [--json]
     exfx flops   [SPEC] [config options]        # dense vs executed FLOPs on the example inputs
-    exfx plan    [SPEC] -o plan.json            # write a plan giving every site the config's settings
+    exfx plan    [SPEC] [--plan partial.json] -o plan.json   # every site the options' settings (or the plan's)
     exfx graph   [SPEC] [--plan plan.json]      # the rewritten graph as stable text
     exfx diff    [SPEC]                         # unified diff original -> rewritten, one line per site
     exfx check   SPEC GOLDEN [--update] [--structural]   # exit 0 if the graph matches, 1 with a diff if not
@@ -35,7 +35,11 @@ from exfx import graphdiff
 from exfx.capture import capture
 from exfx.errors import ExfxError
 from exfx.graphdiff import UPDATE_ENV
+from exfx.report import Report
 from exfx.spec import DEFAULT_SPEC, load_spec
+
+#: The options that make a Config (every command but demo takes them).
+CONFIG_OPTIONS = ("rule", "threshold", "alpha", "samples")
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def _budget(text: str) -> float:
 
 def _config(args: argparse.Namespace) -> exfx.Config:
     fields: dict[str, Any] = {}
-    for name in ("rule", "threshold", "alpha", "samples"):
+    for name in CONFIG_OPTIONS:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -69,6 +73,20 @@ def _config(args: argparse.Namespace) -> exfx.Config:
         return exfx.Config(**fields)
     except ValueError as err:
         raise ExfxError(f"bad option: {err}") from None
+
+
+def _check_options_with_plan(args: argparse.Namespace, report: Report, plan: exfx.Plan) -> None:
+    """Rule options next to ``--plan`` set only the sites the plan leaves out: say so, or refuse if there are none."""
+    given = [f"--{name}" for name in CONFIG_OPTIONS if getattr(args, name) is not None]
+    if not given:
+        return
+    unset = [s.name for s in report.sites if s.structurally_eligible and s.name not in plan.sites]
+    options = ", ".join(given)
+    if not unset:
+        raise ExfxError(f"{options} would change nothing: the plan {args.plan} sets every site "
+                        f"({', '.join(sorted(plan.sites))}). Edit the plan, or drop --plan to use {options}.")
+    print(f"exfx: note: {options} apply only to the sites the plan {args.plan} does not set: {', '.join(unset)}",
+          file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     model, inputs = load_spec(args.spec)
     config = _config(args)
     plan = exfx.Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        _check_options_with_plan(args, exfx.explain(model, inputs, config, plan=plan), plan)
     if args.command == "explain":
         report = exfx.explain(model, inputs, config, plan=plan)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)
@@ -171,7 +191,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(flops.to_dict(), indent=2) if args.json else flops)
     elif args.command == "plan":
         report = exfx.explain(model, inputs, config, plan=plan)
-        new_plan = plan or exfx.Plan.from_report(report, config)
+        new_plan = exfx.Plan.from_report(report, config)
+        if plan is not None:  # the plan's sites keep their settings; the config fills in the rest
+            new_plan = exfx.Plan(sites={**new_plan.sites, **plan.sites}, signatures=new_plan.signatures,
+                                 meta=dict(plan.meta))
         new_plan.save(args.output)
         print(f"wrote a plan for {len(new_plan.sites)} sites to {args.output}")
     else:

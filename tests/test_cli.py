@@ -45,6 +45,30 @@ def test_plan_round_trip_through_cli(tmp_path, capsys):
     assert "wrote a plan for 1 sites" in capsys.readouterr().out
 
 
+def test_plan_command_keeps_the_plan_and_fills_in_unset_sites_from_the_options(tmp_path, capsys):
+    """`exfx plan --plan p.json --rule ztest` used to copy p.json and silently drop --rule."""
+    partial = tmp_path / "partial.json"
+    exfx.Plan(sites={"features.3": exfx.SiteParams(threshold=-0.5, samples=8)}).save(partial)
+    merged = tmp_path / "merged.json"
+    assert main(["plan", "--plan", str(partial), "--rule", "ztest", "--samples", "16", "-o", str(merged)]) == 0
+    err = capsys.readouterr().err
+    assert "apply only to the sites the plan" in err and "features.7, classifier.1" in err
+    plan = exfx.Plan.load(merged)
+    assert plan.sites["features.3"] == exfx.SiteParams(threshold=-0.5, samples=8)
+    assert plan.sites["features.7"] == plan.sites["classifier.1"] == exfx.SiteParams(rule="ztest", samples=16)
+    assert plan.fingerprint is not None  # the merged plan carries the model's signatures
+
+
+def test_options_that_a_plan_overrides_everywhere_are_refused(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert main(["plan", "specs:mlp", "-o", str(path)]) == 0
+    capsys.readouterr()
+    for command in ("explain", "flops", "graph"):
+        assert main([command, "specs:mlp", "--plan", str(path), "--alpha", "0.1"]) == 2
+        err = capsys.readouterr().err
+        assert "--alpha would change nothing" in err and "sets every site (2)" in err
+
+
 def test_check_exit_codes(tmp_path, capsys):
     golden = tmp_path / "g.txt"
     assert main(["check", "specs:mlp", str(golden), "--update"]) == 0
