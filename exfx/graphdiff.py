@@ -42,7 +42,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["graph_text", "site_summary", "unified_diff", "structural_graph", "check", "CheckResult",
            "FORMAT_VERSION", "UPDATE_ENV", "update_requested"]
 
-FORMAT_VERSION = 1
+#: 2: a ``call_module`` node's note holds the module's hyperparameters (``extra_repr``), so a changed
+#: stride or kernel size of a leaf module shows in the diff (format 1 printed only its type).
+FORMAT_VERSION = 2
+_FORMAT_LINE = re.compile(r"^# exfx graph, format (?P<version>\d+)$")
 #: Set to 1 to make ``exfx check`` and :func:`exfx.testing.assert_graph_matches` rewrite golden files.
 UPDATE_ENV = "EXFX_UPDATE_GOLDEN"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -88,6 +91,12 @@ def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
         return getattr(node.target, "__name__", type(node.target).__name__)
 
 
+def _module_hyperparameters(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A leaf module's ``extra_repr()`` (``kernel_size=2, stride=2, ...``) on one line, addresses removed."""
+    text = gm.get_submodule(str(node.target)).extra_repr()
+    return _ADDRESS.sub("", " ".join(text.split()))
+
+
 def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "output":
         return f"return {_format_arg(node.args[0])}"
@@ -100,6 +109,10 @@ def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
             value = None
         if isinstance(value, torch.Tensor):
             notes.append(_tensor_type(value))
+    if node.op == "call_module":
+        hyperparameters = _module_hyperparameters(gm, node)
+        if hyperparameters:
+            notes.append(hyperparameters)
     exfx_meta = node.meta.get("exfx", {})
     if "role" in exfx_meta:
         notes.append(f"site={exfx_meta['site']} role={exfx_meta['role']}")
@@ -159,8 +172,8 @@ def structural_graph(text: str) -> nx.MultiDiGraph:
                 label = "placeholder"
             elif op == "get_attr":
                 label = f"{op} {note.split(';')[0]}"
-            elif op == "call_module":
-                label = f"{op} <{target.partition('<')[2]}"
+            elif op == "call_module":  # its type and hyperparameters (the note), not its name
+                label = f"{op} <{target.partition('<')[2]} [{note}]"
             else:
                 label = f"{op} {target}"
             site = _SITE_NOTE.search(note)
@@ -205,6 +218,15 @@ def _changed_sites(golden: str, current: str) -> list[str]:
     return changed
 
 
+def _format_note(golden: str, path: str) -> str:
+    """A first line for the diff when the golden file was written in another format of the text."""
+    match = _FORMAT_LINE.match(golden.partition("\n")[0])
+    if match is None or int(match["version"]) == FORMAT_VERSION:
+        return ""
+    return (f"{path} is in graph-text format {match['version']}, this exfx writes format {FORMAT_VERSION}: "
+            "review the diff, then rewrite the file with --update\n")
+
+
 def update_requested() -> bool:
     """Whether the environment asks for golden files to be rewritten (``EXFX_UPDATE_GOLDEN=1``)."""
     return os.environ.get(UPDATE_ENV) == "1"
@@ -233,5 +255,5 @@ def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = F
     if ok:
         return CheckResult(ok=True, diff="")
     changed = _changed_sites(golden, current)
-    header = "".join(f"{line}\n" for line in changed)
+    header = _format_note(golden, path) + "".join(f"{line}\n" for line in changed)
     return CheckResult(ok=False, diff=header + unified_diff(golden, current, f"golden {path}", "current"))

@@ -128,6 +128,38 @@ def test_structural_check_ignores_module_names(tmp_path):
     assert not graphdiff.check(named, golden, structural=True).ok
 
 
+def _small_cnn_with_pool_ceil_mode(ceil_mode: bool) -> str:
+    from exfx.examples import small_cnn
+
+    model, inputs = small_cnn()
+    model.features[6].ceil_mode = ceil_mode  # the first MaxPool2d, a leaf module; same shapes either way
+    return graphdiff.graph_text(exfx.compile(model, inputs))
+
+
+def test_a_leaf_modules_hyperparameters_are_in_the_text_and_the_structure(tmp_path):
+    """Format 1 printed a call_module node's type only: a changed pooling mode passed the golden check."""
+    text = _small_cnn_with_pool_ceil_mode(False)
+    assert "features.6<MaxPool2d>(%relu_1)  # kernel_size=2, stride=2, padding=0" in text
+    golden = tmp_path / "g.txt"
+    golden.write_text(text)
+    changed = _small_cnn_with_pool_ceil_mode(True)
+    assert not graphdiff.check(changed, golden).ok
+    assert not graphdiff.check(changed, golden, structural=True).ok
+    assert graphdiff.check(text, golden, structural=True).ok
+
+
+def test_a_golden_file_in_an_older_format_says_so(tmp_path):
+    text = _text(mlp)
+    golden = tmp_path / "g.txt"
+    golden.write_text(text.replace(f"format {graphdiff.FORMAT_VERSION}", "format 1", 1))
+    result = graphdiff.check(text, golden)
+    assert not result.ok
+    assert result.diff.startswith(f"{golden} is in graph-text format 1, this exfx writes format "
+                                  f"{graphdiff.FORMAT_VERSION}")
+    golden.write_text(text.replace("relu_1", "relu_b"))
+    assert "graph-text format" not in graphdiff.check(text, golden).diff
+
+
 def test_structural_parser_refuses_lines_it_cannot_read():
     text = _text(mlp)
     with pytest.raises(ValueError, match="line 4 is not exfx graph text"):
