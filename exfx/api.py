@@ -148,6 +148,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     """
     config = config or Config()
     gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs, capture)
+    return _rewrite(gm, report, example_inputs, config, plan)
+
+
+def _rewrite(gm: fx.GraphModule, report: Report, example_inputs: Any, config: Config,
+             plan: Plan | None) -> CompiledModule:
+    """Second half of :func:`compile`: parameters per site, the ENP rewrite, the checked module."""
     _assign_params(report, config, plan)
     EnpPass(report.sites)(gm)
     gm.meta["exfx_report"] = report

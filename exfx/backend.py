@@ -13,7 +13,7 @@ What it does with each graph Dynamo hands it:
    dotted path (``fc1.weight``); they become ``get_attr`` nodes of a module tree
    with those paths, so sites get the same names as under :func:`exfx.compile`
    and one plan serves both.
-2. **Compile** that GraphModule with :func:`exfx.compile` (canonicalize, fold BN,
+2. **Compile** that GraphModule as :func:`exfx.compile` does (canonicalize, fold BN,
    analyse, rewrite) on the real example inputs.
 3. **Lower** the result with the inner backend: Inductor by default
    (``inner="inductor"``), or ``"eager"`` to run the GraphModule as is.
@@ -40,8 +40,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from exfx.api import compile as exfx_compile
-from exfx.api import explain
+from exfx.api import _analyse, _rewrite
 from exfx.config import Config, Plan
 from exfx.dynamo_capture import recover_parameters
 from exfx.errors import ExfxError, PlanMismatchError
@@ -77,16 +76,15 @@ def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
     return plan, config, inner
 
 
-def _plan_for_graph(plan: Plan | None, gm: fx.GraphModule, inputs: list[Any], config: Config,
-                    hidden: list[str]) -> Plan | None:
-    """The part of ``plan`` that concerns this graph (a graph break splits the model's sites).
+def _plan_for_graph(plan: Plan | None, here: Mapping[str, str]) -> Plan | None:
+    """The part of ``plan`` that concerns this graph, whose sites have the signatures ``here``.
 
-    A site of this graph that the plan has a signature for must have that
-    signature; sites of other graphs are left out.
+    A graph break splits the model's sites across graphs. A site of this graph
+    that the plan has a signature for must have that signature; sites of other
+    graphs are left out.
     """
     if plan is None:
         return None
-    here = explain(gm, inputs, config, hidden_inputs=hidden).signatures
     mismatched = [f"{name}: plan has {plan.signatures[name]}, model has {here[name]}"
                   for name in here if name in plan.signatures and plan.signatures[name] != here[name]]
     if mismatched:
@@ -112,8 +110,9 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     # Outside Dynamo's tracing context: there, shape propagation would run on Dynamo's fake tensors, and
     # exfx reading a symbolic batch size as a number would make Dynamo specialise (and recompile) every size.
     with torch._guards.tracing(None):
-        compiled = exfx_compile(exfx_gm, inputs, config, _plan_for_graph(plan, exfx_gm, inputs, config, hidden),
-                                hidden_inputs=hidden)
+        # exfx.compile in two halves, so the plan is cut to this graph's sites from the one analysis.
+        analysed, report = _analyse(exfx_gm, inputs, config, (), None, hidden, "auto")
+        compiled = _rewrite(analysed, report, inputs, config, _plan_for_graph(plan, report.signatures))
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
                 len(compiled.meta["exfx_report"].eligible), len(compiled.graph.nodes))
     if inner == "inductor":

@@ -97,6 +97,29 @@ def test_backend_site_names_match_and_one_plan_serves_both(tmp_path):
     assert "features.3" in sites and "classifier.1" not in sites
 
 
+def test_a_plan_costs_the_backend_no_second_analysis(monkeypatch):
+    """The backend used to analyse each graph twice when given a plan: once to cut the plan, once to compile."""
+    from exfx.passes.exchangeability_pass import ExchangeabilityPass
+
+    torch.manual_seed(0)
+    model, x = VGGish(width=16).eval(), torch.randn(3, 3, 16, 16)
+    plan = exfx.Plan.from_report(exfx.explain(model, (x,), exfx.Config(samples=16)), exfx.Config(samples=16))
+    calls = []
+    original = ExchangeabilityPass.__call__
+    monkeypatch.setattr(ExchangeabilityPass, "__call__", lambda self, gm: calls.append(1) or original(self, gm))
+    graphs = []
+
+    def spy(gm, inputs):
+        fn = exfx.backend(plan=plan, inner="eager")(gm, inputs)
+        graphs.append(fn.exfx_graph)
+        return fn
+
+    with torch.no_grad():
+        torch.compile(model, backend=spy)(x)
+    assert len(graphs) == 1 and len(calls) == 1
+    assert graphs[0].meta["exfx_report"].eligible
+
+
 def test_graph_break_and_symbolic_batch_sizes():
     torch.manual_seed(0)
     model = BranchNet().eval()
