@@ -11,7 +11,7 @@ Example::
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import compile, explain
 from exfx.backend import backend  # the function; the module stays importable as exfx.backend
-from exfx.calibrate import calibrate, random_search
+from exfx.calibrate import calibrate, calibrate_budgets, random_search
 from exfx.config import Config, Plan, SiteParams
 from exfx.errors import (
     CaptureError,
@@ -40,6 +40,7 @@ __all__ = [
     "SiteParams",
     "backend",
     "calibrate",
+    "calibrate_budgets",
     "random_search",
     "TrainingModeError",
     "UnsupportedModelError",

@@ -32,6 +32,10 @@ read in the order given. The returned plan's ``meta["calibration"]`` records the
 number of full evaluations, the wall time, the baseline and calibrated scores
 and the measured FLOP reduction.
 
+:func:`calibrate_budgets` does this for several budgets at once: steps 1-3 do not
+depend on the budget, so only the binary searches are per budget, and they share
+the evaluations of the plans they both visit.
+
 :func:`random_search` is the baseline in the spirit of the published tuning
 (Optuna over per-layer parameters): it draws random per-site rules and
 parameters, evaluates each, and keeps the best plan within budget.
@@ -67,7 +71,7 @@ from exfx.ops import enp_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES",
+__all__ = ["calibrate", "calibrate_budgets", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES",
            "DEFAULT_ALPHAS"]
 
 Metric = Callable[[Any, Any], float]
@@ -559,8 +563,45 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
     ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
     """
+    return _calibrate(model, example_inputs, data, metric, (budget,), config, schedules, alphas, max_evals,
+                      max_neurons, seed, confidence, sensitivity, progress)[0]
+
+
+def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+                      budgets: Sequence[float], config: Config | None = None, *,
+                      schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
+                      alphas: Sequence[float] = DEFAULT_ALPHAS, max_evals: int = 10, max_neurons: int = 200_000,
+                      seed: int = 0, confidence: float | None = None, sensitivity: str = "gradient",
+                      progress: bool | None = None) -> dict[float, Plan]:
+    """:func:`calibrate` for several budgets at once: budget -> plan, each as ``calibrate`` would return it.
+
+    The baseline, the instrumented pass, the gains and the allocation path do not
+    depend on the budget, so they are computed once; each budget then runs its own
+    binary search along the same path, and a plan already evaluated for one budget
+    is not evaluated again for another. Each plan is the one ``calibrate`` returns
+    for that budget with the same arguments. Its ``meta["calibration"]`` holds the
+    ``evals`` and ``seconds`` of the whole call (shared work is not split) and
+    ``budgets``, all the budgets calibrated together.
+
+    Example::
+
+        >>> plans = exfx.calibrate_budgets(model, (x,), val_batches, accuracy, budgets=(0.001, 0.01))
+        >>> plans[0.01].meta["calibration"]["reduction"] >= plans[0.001].meta["calibration"]["reduction"]
+        True
+    """
+    if isinstance(budgets, numbers.Real) or not budgets:
+        raise ValueError(f"budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got {budgets!r}")
+    plans = _calibrate(model, example_inputs, data, metric, tuple(budgets), config, schedules, alphas, max_evals,
+                       max_neurons, seed, confidence, sensitivity, progress)
+    return dict(zip(budgets, plans))
+
+
+def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+               budgets: tuple[float, ...], config: Config | None, schedules: Sequence[tuple[int, ...]],
+               alphas: Sequence[float], max_evals: int, max_neurons: int, seed: int, confidence: float | None,
+               sensitivity: str, progress: bool | None) -> list[Plan]:
     started = time.perf_counter()
-    budget = _check_args(budget, schedules)
+    budgets = tuple(_check_args(budget, schedules) for budget in budgets)
     if config is not None and not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     rules: tuple[str, ...] = ("threshold", "ztest") if config is None else (config.rule,)
@@ -577,9 +618,9 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
     sites, signatures = _eligible_sites(model, example_inputs, schedules)
     baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures)), data, metric,
                         desc="exfx calibrate: baseline", progress=progress)
-    evals = 1
     if not sites:
-        return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
+        return [_finish(_plan(signatures), baseline, baseline, 1, started, budget, math.inf, budgets)
+                for budget in budgets]
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
     samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
     if sensitivity == "gradient":
@@ -589,43 +630,69 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
 
     path = _allocation_path(candidates, float(baseline.dense))
     logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))
-    best: tuple[Plan, Evaluation, float] | None = None
-    lo, hi = -1, len(path)  # path[lo] is known feasible (-1: the empty plan), path[hi] known over budget
-    bar = tqdm(total=min(max_evals, math.ceil(math.log2(len(path) + 1))), desc="exfx calibrate: search",
-               disable=_quiet(progress), leave=False)
-    while hi - lo > 1 and evals - 1 < max_evals:
+    evaluated: dict[int, tuple[Plan, Evaluation, float]] = {}  # path index -> plan, result, bounded drop
+
+    def evaluate_at(index: int) -> tuple[Plan, Evaluation, float]:
+        if index not in evaluated:
+            lam, allocation = path[index]
+            plan = _plan(signatures, allocation)
+            result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric,
+                              desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
+            drop = baseline.score - result.score
+            if confidence is not None:
+                drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
+            evaluated[index] = (plan, result, drop)
+            bar.update(1)
+        return evaluated[index]
+
+    bar = tqdm(total=len(budgets) * min(max_evals, math.ceil(math.log2(len(path) + 1))),
+               desc="exfx calibrate: search", disable=_quiet(progress), leave=False)
+    found = [_binary_search(path, budget, max_evals, evaluate_at, baseline.score) for budget in budgets]
+    bar.close()
+    evals = 1 + len(evaluated)
+    return [_finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf, budgets) if index is None
+            else _finish(evaluated[index][0], baseline, evaluated[index][1], evals, started, budget, path[index][0],
+                         budgets)
+            for budget, index in zip(budgets, found)]
+
+
+def _binary_search(path: Sequence[tuple[float, Any]], budget: float, max_evals: int,
+                   evaluate_at: Callable[[int], tuple[Plan, Evaluation, float]], baseline: float) -> int | None:
+    """The path index of the most aggressive plan found within ``budget`` (None: not even the first).
+
+    The path is ordered from conservative to aggressive, so feasibility is
+    (nearly) monotone along it: ``lo`` is known feasible (-1: the empty plan),
+    ``hi`` known over budget. At most ``max_evals`` indices are visited; of the
+    feasible ones, the plan with the fewest executed FLOPs wins.
+    """
+    best: int | None = None
+    lo, hi, visited = -1, len(path), 0
+    while hi - lo > 1 and visited < max_evals:
         mid = (lo + hi) // 2
-        lam, allocation = path[mid]
-        plan = _plan(signatures, allocation)
-        result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric,
-                          desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
-        evals += 1
-        bar.update(1)
-        drop = baseline.score - result.score
-        if confidence is not None:
-            drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
+        _, result, drop = evaluate_at(mid)
+        visited += 1
         feasible = drop <= budget + 1e-12
-        logger.info("calibrate: lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", lam, result.score,
-                    baseline.score, result.reduction, "ok" if feasible else "over budget")
+        logger.info("calibrate: budget %g, lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", budget,
+                    path[mid][0], result.score, baseline, result.reduction, "ok" if feasible else "over budget")
         if feasible:
             lo = mid
-            if best is None or result.executed < best[1].executed:
-                best = (plan, result, lam)
+            if best is None or result.executed < evaluate_at(best)[1].executed:
+                best = mid
         else:
             hi = mid
-    bar.close()
-    if best is None:
-        return _finish(_plan(signatures), baseline, baseline, evals, started, budget, math.inf)
-    return _finish(best[0], baseline, best[1], evals, started, budget, best[2])
+    return best
 
 
 def _finish(plan: Plan, baseline: Evaluation, result: Evaluation, evals: int, started: float, budget: float,
-            lam: float) -> Plan:
+            lam: float, budgets: tuple[float, ...] | None = None) -> Plan:
+    plan = Plan(sites=dict(plan.sites), signatures=dict(plan.signatures), meta=dict(plan.meta))
     plan.meta["calibration"] = {
         "evals": evals, "seconds": time.perf_counter() - started, "baseline": baseline.score,
         "score": result.score, "reduction": result.reduction, "budget": budget,
         "lam": lam if math.isfinite(lam) else None,
     }
+    if budgets is not None and len(budgets) > 1:
+        plan.meta["calibration"]["budgets"] = list(budgets)
     return plan
 
 

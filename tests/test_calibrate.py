@@ -112,6 +112,28 @@ def test_looser_budget_saves_at_least_as_much(task):
     assert loose.meta["calibration"]["reduction"] >= tight.meta["calibration"]["reduction"] - 1e-9
 
 
+def test_several_budgets_at_once_give_calibrates_plans_for_fewer_evaluations(task):
+    model, example, data = task
+    budgets = (0.0, 0.01, 0.05)
+    together = exfx.calibrate_budgets(model, example, data, _accuracy, budgets, max_evals=8, confidence=0.9)
+    alone = {b: exfx.calibrate(model, example, data, _accuracy, b, max_evals=8, confidence=0.9) for b in budgets}
+    assert list(together) == list(budgets)
+    for budget in budgets:
+        mine, theirs = together[budget].meta["calibration"], alone[budget].meta["calibration"]
+        assert together[budget].sites == alone[budget].sites
+        assert mine["budget"] == budget and mine["budgets"] == list(budgets)
+        assert (mine["score"], mine["reduction"]) == (theirs["score"], theirs["reduction"])
+    # one baseline for all, and a plan on the path is evaluated once however many searches visit it
+    assert together[0.01].meta["calibration"]["evals"] < sum(p.meta["calibration"]["evals"] for p in alone.values())
+
+
+@pytest.mark.parametrize("budgets", [0.01, ()])
+def test_calibrate_budgets_wants_a_sequence(task, budgets):
+    model, example, data = task
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        exfx.calibrate_budgets(model, example, data, _accuracy, budgets)
+
+
 def test_deterministic_under_seed(task):
     model, example, data = task
     first = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=6, seed=3)
