@@ -79,14 +79,16 @@ def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
 def _plan_for_graph(plan: Plan | None, here: Mapping[str, str]) -> Plan | None:
     """The part of ``plan`` that concerns this graph, whose sites have the signatures ``here``.
 
-    A graph break splits the model's sites across graphs. A site of this graph
-    that the plan has a signature for must have that signature; sites of other
-    graphs are left out.
+    A graph break splits the model's sites across graphs. A plan with
+    signatures lists every site of the model it was made for, so each site of
+    this graph must be there with the same signature (as :func:`exfx.compile`
+    checks); sites of other graphs are left out. A hand-made plan without
+    signatures is matched by site name only.
     """
     if plan is None:
         return None
-    mismatched = [f"{name}: plan has {plan.signatures[name]}, model has {here[name]}"
-                  for name in here if name in plan.signatures and plan.signatures[name] != here[name]]
+    mismatched = [f"{name}: plan has {plan.signatures.get(name, 'no such site')}, model has {here[name]}"
+                  for name in here if plan.signatures and plan.signatures.get(name) != here[name]]
     if mismatched:
         raise PlanMismatchError("plan does not match this model; mismatched sites:\n  " + "\n  ".join(mismatched)
                                 + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")

@@ -222,13 +222,16 @@ class Plan:
     def from_report(cls, report: Report, config: Config | None = None) -> Plan:
         """A plan that gives every eligible site of ``report`` the settings of ``config``.
 
-        The signatures cover every *structurally* eligible site (those below the
-        sample count too), the same set the model is checked against, so the plan
-        always fits the model it was made from.
+        Every other *structurally* eligible site (a fan-in below the sample
+        count, or disabled) is written disabled, so compiling with the plan never
+        falls back to the default settings for it. The signatures cover the same
+        sites, the set the model is checked against, so the plan always fits the
+        model it was made from.
         """
         params = (config or Config()).site_params
-        eligible = [s for s in report.sites if s.eligible]
-        return cls(sites={s.name: params for s in eligible}, signatures=dict(report.signatures))
+        disabled = SiteParams(enabled=False)
+        return cls(sites={s.name: params if s.eligible else disabled for s in report.sites if s.structurally_eligible},
+                   signatures=dict(report.signatures))
 
     def check_against(self, signatures: Mapping[str, str], fan_ins: Mapping[str, int]) -> None:
         """Raise if this plan does not fit the model whose eligible sites are ``signatures``."""

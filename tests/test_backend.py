@@ -197,6 +197,18 @@ def test_plan_for_another_model_is_refused():
         torch.compile(MLP().eval(), backend=exfx.backend(plan=plan, inner="eager"))(torch.randn(2, 20))
 
 
+def test_a_plan_that_names_none_of_the_graphs_sites_is_refused():
+    """The backend kept only the plan's sites it found in the graph: a plan for another model shrank to an
+    empty one, and every site then ran with the default settings, where exfx.compile raises."""
+    x = torch.randn(2, 3, 16, 16)
+    plan = exfx.Plan.from_report(exfx.explain(MLP().eval(), (torch.randn(2, 20),)))
+    # Dynamo wraps the backend's exception (BackendCompilerFailed); the message is exfx's.
+    with pytest.raises(Exception, match="(?s)PlanMismatchError.*features.3: plan has no such site, model has conv2d"):
+        torch.compile(VGGish(width=16).eval(), backend=exfx.backend(plan=plan, inner="eager"))(x)
+    with pytest.raises(exfx.PlanMismatchError):
+        exfx.compile(VGGish(width=16).eval(), (x,), plan=plan)
+
+
 def test_configured_backend_reads_its_plan_file_once(tmp_path):
     """exfx.backend(plan=path) re-read the file at every graph: a file changed or removed since failed later."""
     torch.manual_seed(0)

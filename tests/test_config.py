@@ -224,12 +224,23 @@ def test_plan_from_report_fits_the_same_model_with_a_site_below_the_sample_count
     report = exfx.explain(model, (x,), config)
     assert not report.site("net.2").eligible and report.site("net.2").structurally_eligible
     plan = exfx.Plan.from_report(report, config)
-    assert set(plan.sites) == {"net.1"}
+    assert plan.sites["net.2"] == exfx.SiteParams(enabled=False)  # written disabled, not left out
     gm = exfx.compile(model, (x,), config, plan)
     assert [s.name for s in gm.meta["exfx_report"].eligible] == ["net.1"]
     # ... and a plan can then make that site eligible with fewer samples.
-    gm = exfx.compile(model, (x,), config, plan.with_site("net.2", samples=16))
+    gm = exfx.compile(model, (x,), config, plan.with_site("net.2", samples=16, enabled=True))
     assert [s.name for s in gm.meta["exfx_report"].eligible] == ["net.1", "net.2"]
+
+
+def test_a_plan_made_with_many_samples_keeps_the_sites_it_excludes_dense() -> None:
+    """from_report left out the sites below the sample count; compiling with the plan (and no config) then
+    pruned them with the default settings, T=0 at 32 samples."""
+    model = MLP((20, 64, 48, 64, 10)).eval()
+    x = torch.randn(4, 20)
+    config = exfx.Config(samples=64)  # net.2 (fan-in 48) is not eligible, net.1 (fan-in 64) is
+    plan = exfx.Plan.from_report(exfx.explain(model, (x,), config), config)
+    gm = exfx.compile(model, (x,), plan=plan)
+    assert [s.name for s in gm.meta["exfx_report"].eligible] == ["net.1"]
 
 
 def test_per_site_plan_parameters_are_applied(mlp) -> None:
