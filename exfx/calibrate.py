@@ -270,6 +270,15 @@ class _SiteSample:
         return positive / mass if mass > 0 else positive
 
 
+def _on_cpu(values: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """The sampled neurons ``picked`` (flat indices, on the CPU) of ``values``, as float64 on the CPU.
+
+    Recording moves every sample to the CPU, so pricing (quantiles, replays) runs
+    there whatever the model's device.
+    """
+    return values.reshape(-1)[picked.to(values.device)].double().cpu()
+
+
 class _Recorder(fx.Interpreter):
     """Interprets a never-pruning compiled module with moments, sampling neurons at every site."""
 
@@ -297,7 +306,7 @@ class _Recorder(fx.Interpreter):
                 count, {r: [] for r in enp_ops.RULES})
             for rule in enp_ops.RULES:
                 statistic = enp_ops.exit_statistic(state, weight, bias, residual, count, fan_in, rule)
-                per_rule[rule].append(statistic.reshape(-1)[picked].double())
+                per_rule[rule].append(_on_cpu(statistic, picked))
         elif n.target is torch.ops.exfx.complete.default:
             args = self.fetch_args_kwargs_from_env(n)[0]
             x, weight, n_units, site = args[0], args[1], args[7], args[12]
@@ -305,7 +314,7 @@ class _Recorder(fx.Interpreter):
             sample.fan_in = enp_ops.fan_in_of(x, weight, n_units)
             sample.cost_per_unit = 2 * enp_ops.terms_per_unit(x, weight, n_units)
             picked = self._pick(site, result.numel())
-            sample.pre.append(result.reshape(-1)[picked].double())
+            sample.pre.append(_on_cpu(result, picked))
             sample.picks.append(picked)
             sample.neurons += result.numel()
         return result
@@ -371,12 +380,14 @@ def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batch
                 names = [name for name in samples if name in probe.activations]
                 if not leaves or len(names) != len(samples):
                     raise RuntimeError("the outputs do not depend differentiably on every site")
-                projection = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves)
+                # drawn on the CPU generator, then moved: the same projection on any device
+                projection = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum()
+                                 for t in leaves)
                 grads = torch.autograd.grad(projection, [probe.activations[n] for n in names], allow_unused=True)
             for name, grad in zip(names, grads):
                 picked = samples[name].picks[index]
-                gain = torch.zeros(len(picked), dtype=torch.double) if grad is None else grad.reshape(-1)[picked]
-                samples[name].gains.append(gain.detach().double())
+                gain = torch.zeros(len(picked), dtype=torch.double) if grad is None else _on_cpu(grad, picked)
+                samples[name].gains.append(gain.detach())
     except (RuntimeError, TypeError, ExfxError) as err:
         logger.warning("calibrate: no output gradients (%s); damage falls back to activation mass per site", err)
         for sample in samples.values():
@@ -589,11 +600,14 @@ def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterabl
         >>> plans[0.01].meta["calibration"]["reduction"] >= plans[0.001].meta["calibration"]["reduction"]
         True
     """
-    if isinstance(budgets, numbers.Real) or not budgets:
+    if isinstance(budgets, (numbers.Real, str)) or not isinstance(budgets, Iterable):
         raise ValueError(f"budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got {budgets!r}")
-    plans = _calibrate(model, example_inputs, data, metric, tuple(budgets), config, schedules, alphas, max_evals,
+    budgets = tuple(budgets)  # once: a generator or a numpy array alike
+    if not budgets:
+        raise ValueError("budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got none")
+    plans = _calibrate(model, example_inputs, data, metric, budgets, config, schedules, alphas, max_evals,
                        max_neurons, seed, confidence, sensitivity, progress)
-    return dict(zip(budgets, plans))
+    return {float(budget): plan for budget, plan in zip(budgets, plans)}
 
 
 def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
@@ -606,7 +620,16 @@ def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     rules: tuple[str, ...] = ("threshold", "ztest") if config is None else (config.rule,)
     if config is not None:
+        if tuple(schedules) != DEFAULT_SCHEDULES:
+            raise ValueError("pass config (one rule and its schedule, config.samples) or schedules, not both")
         schedules = (tuple(config.samples),)
+    starting_at_1 = [tuple(schedule) for schedule in schedules if schedule[0] < 2]
+    if starting_at_1:
+        raise ValueError(f"calibrate needs every schedule to start at 2 samples or more, got {starting_at_1}: the "
+                         "instrumented pass records the z-test statistic (a sample variance) at every checkpoint")
+    bad_alphas = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a <= 0.5]
+    if not alphas or bad_alphas:
+        raise ValueError(f"alphas must be z-test levels in [0, 0.5], got {list(alphas)!r}")
     if max_evals < 2:
         raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
     if confidence is not None and not 0.5 <= confidence < 1.0:

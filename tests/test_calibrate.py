@@ -127,11 +127,19 @@ def test_several_budgets_at_once_give_calibrates_plans_for_fewer_evaluations(tas
     assert together[0.01].meta["calibration"]["evals"] < sum(p.meta["calibration"]["evals"] for p in alone.values())
 
 
-@pytest.mark.parametrize("budgets", [0.01, ()])
+@pytest.mark.parametrize("budgets", [0.01, (), "0.01"])
 def test_calibrate_budgets_wants_a_sequence(task, budgets):
     model, example, data = task
     with pytest.raises(ValueError, match="non-empty sequence"):
         exfx.calibrate_budgets(model, example, data, _accuracy, budgets)
+
+
+@pytest.mark.parametrize("make", [lambda: (b for b in (0.0, 0.05)), lambda: np.array([0.0, 0.05])])
+def test_calibrate_budgets_takes_a_generator_or_an_array(task, make):
+    """A generator was used up before the results were zipped with it ({} came back); an array failed."""
+    model, example, data = task
+    plans = exfx.calibrate_budgets(model, example, data, _accuracy, make(), max_evals=3)
+    assert list(plans) == [0.0, 0.05]
 
 
 def test_deterministic_under_seed(task):
@@ -223,6 +231,11 @@ def test_model_without_sites_gives_an_empty_plan():
     ({"schedules": ()}, ValueError, "schedules"),
     ({"schedules": ((32, 16),)}, ValueError, "increasing"),
     ({"max_evals": 1}, ValueError, "max_evals"),
+    ({"schedules": ((1, 8),)}, ValueError, "start at 2"),
+    ({"config": exfx.Config(rule="threshold", samples=(1, 8))}, ValueError, "start at 2"),
+    ({"alphas": (0.05, 0.7)}, ValueError, "alphas"),
+    ({"alphas": ()}, ValueError, "alphas"),
+    ({"config": exfx.Config(samples=8), "schedules": ((8,),)}, ValueError, "not both"),
 ])
 def test_bad_arguments(task, kwargs, error, message):
     model, example, data = task
