@@ -53,6 +53,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,18 @@ def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confide
     return float(torch.tensor(drops).quantile(confidence))
 
 
+_TRACING_KEYS = ("leaf_modules", "concrete_args", "hidden_inputs", "capture")
+
+
+def _tracing(tracing: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The capture options of :func:`exfx.compile` that every internal compile and analysis must share."""
+    options = dict(tracing or {})
+    unknown = sorted(set(options) - set(_TRACING_KEYS))
+    if unknown:
+        raise ValueError(f"tracing takes the capture options of exfx.compile {list(_TRACING_KEYS)}, got {unknown}")
+    return options
+
+
 def _split(batch: Batch) -> tuple[tuple[Any, ...], Any]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ExfxError("calibration data must yield (inputs, targets) pairs; inputs may be a tensor or a tuple")
@@ -223,11 +236,12 @@ class _NegativeCounter(fx.Interpreter):
 
 
 def oracle(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
-           samples: int = 32, progress: bool | None = None) -> Evaluation:
+           samples: int = 32, progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> Evaluation:
     """The oracle bound: every truly non-positive neuron stops after its first ``samples`` units, at no cost
-    in accuracy and with no test overhead. Its score is the model's own."""
+    in accuracy and with no test overhead. Its score is the model's own. ``tracing`` as for :func:`calibrate`."""
     data = list(data)
-    never = exfx_compile(model, normalise_inputs(example_inputs), Config(threshold=-math.inf, samples=samples))
+    never = exfx_compile(model, normalise_inputs(example_inputs), Config(threshold=-math.inf, samples=samples),
+                         **_tracing(tracing))
     dense = evaluate(model, data, metric, desc="exfx oracle", progress=progress)
     skipped = 0
     with torch.no_grad():
@@ -322,10 +336,10 @@ class _Recorder(fx.Interpreter):
 
 def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Batch], sites: list[Any],
                 signatures: dict[str, str], checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
-                progress: bool | None) -> dict[str, _SiteSample]:
+                progress: bool | None, tracing: Mapping[str, Any] = MappingProxyType({})) -> dict[str, _SiteSample]:
     # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
     plan = _plan(signatures, {s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
-    probe = exfx_compile(model, example_inputs, plan=plan)
+    probe = exfx_compile(model, example_inputs, plan=plan, **tracing)
     samples: dict[str, _SiteSample] = {}
     batches = list(data) if not isinstance(data, (list, tuple)) else data
     per_batch = max(1, max_neurons // max(1, len(batches)))
@@ -357,7 +371,8 @@ class _GainProbe(fx.Interpreter):
 
 
 def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batches: Sequence[Batch],
-                  samples: dict[str, _SiteSample], seed: int, progress: bool | None) -> None:
+                  samples: dict[str, _SiteSample], seed: int, progress: bool | None,
+                  tracing: Mapping[str, Any] = MappingProxyType({})) -> None:
     """Fill each sample's ``gains``: the gradient of a random projection ``r . outputs`` at its neurons.
 
     Zeroing a neuron with activation ``a`` moves the outputs by about ``-a * J``;
@@ -367,7 +382,8 @@ def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batch
     On a graph that autograd cannot run, it logs a warning and leaves the gains
     empty (damage then falls back to each site's share of activation mass).
     """
-    gm, _ = _analyse(model, example_inputs, Config(), (), None, (), "auto")
+    gm, _ = _analyse(model, example_inputs, Config(), tracing.get("leaf_modules", ()), tracing.get("concrete_args"),
+                     tracing.get("hidden_inputs", ()), tracing.get("capture", "auto"))
     generator = torch.Generator().manual_seed(seed + 1)
     try:
         for index, batch in enumerate(tqdm(batches, desc="exfx calibrate: gains", disable=_quiet(progress),
@@ -507,10 +523,10 @@ def _plan(signatures: dict[str, str], sites: Mapping[str, SiteParams] | None = N
     return Plan(sites=params, signatures=dict(signatures))
 
 
-def _eligible_sites(model: torch.nn.Module, example_inputs: tuple[Any, ...],
-                    schedules: Sequence[tuple[int, ...]]) -> tuple[list[Any], dict[str, str]]:
+def _eligible_sites(model: torch.nn.Module, example_inputs: tuple[Any, ...], schedules: Sequence[tuple[int, ...]],
+                    tracing: Mapping[str, Any] = MappingProxyType({})) -> tuple[list[Any], dict[str, str]]:
     """Sites that fit at least one schedule, and the signatures a plan for this model carries."""
-    report = explain(model, example_inputs)
+    report = explain(model, example_inputs, **tracing)
     shortest = min(schedule[-1] for schedule in schedules)
     sites = [s for s in report.sites if s.structurally_eligible and (s.fan_in or 0) >= shortest]
     return sites, report.signatures
@@ -531,7 +547,8 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
               budget: float = 0.001, config: Config | None = None, *,
               schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
               max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
-              sensitivity: str = "gradient", progress: bool | None = None) -> Plan:
+              sensitivity: str = "gradient", progress: bool | None = None,
+              tracing: Mapping[str, Any] | None = None) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
     Args:
@@ -569,13 +586,16 @@ def calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch]
             ``"mass"``: the pruned share of the site's own activation mass, the
             same at every site.
         progress: show tqdm bars (default: when attached to a terminal).
+        tracing: the capture options of :func:`exfx.compile` (``leaf_modules``,
+            ``concrete_args``, ``hidden_inputs``, ``capture``), used for every
+            compile and analysis; compile the plan with the same ones.
 
     See the module docstring for the method. ``plan.meta["calibration"]`` holds
     ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
     ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
     """
     return _calibrate(model, example_inputs, data, metric, (budget,), config, schedules, alphas, max_evals,
-                      max_neurons, seed, confidence, sensitivity, progress)[0]
+                      max_neurons, seed, confidence, sensitivity, progress, tracing)[0]
 
 
 def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
@@ -583,7 +603,7 @@ def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterabl
                       schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
                       alphas: Sequence[float] = DEFAULT_ALPHAS, max_evals: int = 10, max_neurons: int = 200_000,
                       seed: int = 0, confidence: float | None = None, sensitivity: str = "gradient",
-                      progress: bool | None = None) -> dict[float, Plan]:
+                      progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> dict[float, Plan]:
     """:func:`calibrate` for several budgets at once: budget -> plan, each as ``calibrate`` would return it.
 
     The baseline, the instrumented pass, the gains and the allocation path do not
@@ -606,15 +626,16 @@ def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterabl
     if not budgets:
         raise ValueError("budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got none")
     plans = _calibrate(model, example_inputs, data, metric, budgets, config, schedules, alphas, max_evals,
-                       max_neurons, seed, confidence, sensitivity, progress)
+                       max_neurons, seed, confidence, sensitivity, progress, tracing)
     return {float(budget): plan for budget, plan in zip(budgets, plans)}
 
 
 def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
                budgets: tuple[float, ...], config: Config | None, schedules: Sequence[tuple[int, ...]],
                alphas: Sequence[float], max_evals: int, max_neurons: int, seed: int, confidence: float | None,
-               sensitivity: str, progress: bool | None) -> list[Plan]:
+               sensitivity: str, progress: bool | None, tracing: Mapping[str, Any] | None) -> list[Plan]:
     started = time.perf_counter()
+    traced = _tracing(tracing)
     budgets = tuple(_check_args(budget, schedules) for budget in budgets)
     if config is not None and not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
@@ -638,16 +659,17 @@ def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch
         raise ValueError(f"sensitivity must be 'gradient' or 'mass', got {sensitivity!r}")
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
-    sites, signatures = _eligible_sites(model, example_inputs, schedules)
-    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures)), data, metric,
+    sites, signatures = _eligible_sites(model, example_inputs, schedules, traced)
+    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures), **traced), data, metric,
                         desc="exfx calibrate: baseline", progress=progress)
     if not sites:
         return [_finish(_plan(signatures), baseline, baseline, 1, started, budget, math.inf, budgets)
                 for budget in budgets]
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= s.fan_in for k in sch})) for s in sites}
-    samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress)
+    samples = _instrument(model, example_inputs, data, sites, signatures, checkpoints, max_neurons, seed, progress,
+                          traced)
     if sensitivity == "gradient":
-        _record_gains(model, example_inputs, data, samples, seed, progress)
+        _record_gains(model, example_inputs, data, samples, seed, progress, traced)
     scales = _harm_scales(samples)
     candidates = {name: _candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
 
@@ -659,7 +681,7 @@ def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch
         if index not in evaluated:
             lam, allocation = path[index]
             plan = _plan(signatures, allocation)
-            result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric,
+            result = evaluate(exfx_compile(model, example_inputs, plan=plan, **traced), data, metric,
                               desc=f"exfx calibrate: lam={lam:.3g}", progress=progress)
             drop = baseline.score - result.score
             if confidence is not None:
@@ -721,7 +743,7 @@ def _finish(plan: Plan, baseline: Evaluation, result: Evaluation, evals: int, st
 
 def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch], metric: Metric,
                   budget: float = 0.001, *, evals: int = 120, schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
-                  seed: int = 0, progress: bool | None = None) -> Plan:
+                  seed: int = 0, progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> Plan:
     """Blind random search over per-site parameters (the baseline :func:`calibrate` is compared with).
 
     Each trial gives every site, independently: disabled (probability 0.2), or a
@@ -732,16 +754,17 @@ def random_search(model: torch.nn.Module, example_inputs: Any, data: Iterable[Ba
     """
     started = time.perf_counter()
     budget = _check_args(budget, schedules)
+    traced = _tracing(tracing)
     example_inputs = normalise_inputs(example_inputs)
     data = data if isinstance(data, (list, tuple)) else list(data)
-    sites, signatures = _eligible_sites(model, example_inputs, schedules)
-    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures)), data, metric,
+    sites, signatures = _eligible_sites(model, example_inputs, schedules, traced)
+    baseline = evaluate(exfx_compile(model, example_inputs, plan=_plan(signatures), **traced), data, metric,
                         desc="exfx random search: baseline", progress=progress)
     rng = random.Random(seed)
     best: tuple[Plan, Evaluation] | None = None
     for _ in tqdm(range(evals), desc="exfx random search", disable=_quiet(progress), leave=False):
         plan = _plan(signatures, {s.name: _random_params(rng, s.fan_in, schedules) for s in sites})
-        result = evaluate(exfx_compile(model, example_inputs, plan=plan), data, metric, progress=False)
+        result = evaluate(exfx_compile(model, example_inputs, plan=plan, **traced), data, metric, progress=False)
         if baseline.score - result.score <= budget + 1e-12 and (best is None or result.executed < best[1].executed):
             best = (plan, result)
     if best is None:

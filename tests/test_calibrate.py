@@ -142,6 +142,20 @@ def test_calibrate_budgets_takes_a_generator_or_an_array(task, make):
     assert list(plans) == [0.0, 0.05]
 
 
+def test_tracing_options_reach_every_compile(task):
+    """calibrate took no capture options: a model whose input is a hidden activation had its first site
+    left out of the plan, and compiling the plan with hidden_inputs then failed with a plan mismatch."""
+    model, example, data = task
+    tracing = {"hidden_inputs": ["input"]}  # nn.Sequential's argument: treat it as a hidden activation
+    plan = exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=3, tracing=tracing)
+    assert "0" in plan.sites and "0" not in exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=3).sites
+    exfx.compile(model, example, plan=plan, hidden_inputs=["input"])
+    searched = exfx.random_search(model, example, data, _accuracy, 0.05, evals=2, tracing=tracing)
+    assert "0" in searched.sites
+    with pytest.raises(ValueError, match="capture options"):
+        exfx.calibrate(model, example, data, _accuracy, 0.05, tracing={"hidden_input": ["input"]})
+
+
 def test_deterministic_under_seed(task):
     model, example, data = task
     first = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=6, seed=3)
