@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         bench = BENCHMARKS[record["model"]]()
         examples = sum(len(t) for _, t in bench.test)
         points = {"dense": evaluate(bench.model, bench.test, bench.metric)}
-        for key, label in (("0p1", "calibrated, ≤0.1 pt on validation"), ("1p0", "calibrated, ≤1 pt on validation")):
+        labels = (("0p1", "calibrated, ≤0.1 pt on validation"), ("1p0", "calibrated, ≤1 pt on validation"))
+        for key, label in labels:
             plan = exfx.Plan.from_dict(record[f"plan_{key}"])
             points[label] = evaluate(exfx.compile(bench.model, bench.example_inputs, plan=plan), bench.test,
                                      bench.metric)

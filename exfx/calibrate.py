@@ -72,8 +72,8 @@ from exfx.ops import enp_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "calibrate_budgets", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation", "DEFAULT_SCHEDULES",
-           "DEFAULT_ALPHAS"]
+__all__ = ["calibrate", "calibrate_budgets", "random_search", "evaluate", "oracle", "drop_bound", "Evaluation",
+           "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
 
 Metric = Callable[[Any, Any], float]
 Batch = Any
