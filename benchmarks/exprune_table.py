@@ -197,6 +197,7 @@ def measure(bench: Benchmark, search_factor: int) -> dict[str, Any]:
     record.update(search_evals=searched.meta["calibration"]["evals"], search_reduction_1p0=found.reduction,
                   search_drop_1p0=baseline.score - found.score,
                   search_seconds=searched.meta["calibration"]["seconds"])
+    record["search_factor"] = search_factor
     record["seconds"] = time.perf_counter() - started
     return record
 
@@ -237,10 +238,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
     ]
     lines += [_row(r) for r in records]
     lines += [""] + [f"- {r['note']}" for r in records if r.get("note")]
+    factors = sorted({r.get("search_factor", (r["search_evals"] - 1) // max(1, r["calib_evals"])) for r in records})
     lines.append("- Reductions are of executed FLOPs on the test split (2 per multiply-add, early-exit tests "
                  "included); drops are test-metric drops in points (positive: worse). Plans are selected on the "
                  f"validation split only, by `exfx.calibrate(..., confidence={CONFIDENCE})`; "
-                 "random search gets 10x calibrate's evaluations at the 1-point budget, also on validation.")
+                 f"random search gets {' or '.join(f'{f}x' for f in factors)} calibrate's evaluations at the "
+                 "1-point budget, also on validation.")
     lines.append("- Oracle: every truly non-positive neuron stops after its first 8 units, with no loss. The paper's "
                  "range is its v1 abstract over its four models (CIFAR-10, ogbg-molhiv, OPT-1.3B), not per model.")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,8 +81,18 @@ def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> No
                                     f"its inputs are {names}")
 
 
-def _assign_params(report: Report, config: Config, plan: Plan | None) -> None:
+def _as_plan(plan: Plan | str | os.PathLike[str] | None) -> Plan | None:
+    """A plan, loaded first when given as the path of its JSON file."""
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise TypeError(f"plan must be an exfx.Plan or the path of a plan JSON file, got {type(plan).__name__}")
+
+
+def _assign_params(report: Report, config: Config, plan: Plan | str | os.PathLike[str] | None) -> None:
     """Give every structurally eligible site its parameters, from the plan or the config."""
+    plan = _as_plan(plan)
     fan_ins = {s.name: s.fan_in or 0 for s in report.sites if s.structurally_eligible}
     if plan is not None:
         plan.check_against(report.signatures, fan_ins)
@@ -104,7 +115,7 @@ def _eligibility(site: SiteInfo, params: Any) -> tuple[bool, str]:
 
 
 def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, *,
-            plan: Plan | None = None, leaf_modules: Sequence[str] = (),
+            plan: Plan | str | os.PathLike[str] | None = None, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
             capture: str = "auto") -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
@@ -113,7 +124,8 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         model: an eval-mode ``nn.Module`` or ``torch.fx.GraphModule``.
         example_inputs: a tensor or a tuple of positional inputs.
         config: global settings (default ``exfx.Config()``).
-        plan: per-site parameters overriding ``config``.
+        plan: per-site parameters overriding ``config``: an :class:`exfx.Plan`, or
+            the path of its JSON file.
         leaf_modules: qualified names of submodules to keep opaque when tracing.
         concrete_args: passed to ``torch.fx`` tracing to fix Python arguments.
         hidden_inputs: names of ``forward()`` arguments that carry hidden
@@ -130,7 +142,7 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
-            plan: Plan | None = None, *, leaf_modules: Sequence[str] = (),
+            plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
             capture: str = "auto") -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.

@@ -64,6 +64,12 @@ def _budget(text: str) -> float:
 
 
 def _config(args: argparse.Namespace) -> exfx.Config:
+    rule = args.rule or exfx.Config().rule
+    if args.alpha is not None and rule != "ztest":
+        raise ExfxError(f"--alpha is the z-test's level, but the rule is {rule}: add --rule ztest, or drop --alpha")
+    if args.threshold is not None and rule != "threshold":
+        raise ExfxError(f"--threshold is the threshold rule's, but the rule is {rule}: drop --threshold, or use "
+                        "--rule threshold")
     fields: dict[str, Any] = {}
     for name in CONFIG_OPTIONS:
         value = getattr(args, name)

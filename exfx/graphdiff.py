@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from networkx.algorithms.isomorphism import categorical_multiedge_match, categorical_node_match
 
+from exfx.errors import ExfxError
 from exfx.report import Report
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,15 @@ def update_requested() -> bool:
     return os.environ.get(UPDATE_ENV) == "1"
 
 
+def _read_golden(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as err:
+        raise ExfxError(f"golden file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "is it an exfx graph file? Re-record it with --update") from None
+
+
 def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = False,
           structural: bool = False) -> CheckResult:
     """Compare ``current`` graph text with the golden file; rewrite the file when ``update``."""
@@ -243,10 +253,13 @@ def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = F
         return CheckResult(ok=True, diff="", updated=True)
     if not os.path.exists(path):
         return CheckResult(ok=False, diff=f"golden file {path} does not exist; run with --update to create it\n")
-    with open(path, encoding="utf-8") as handle:
-        golden = handle.read()
+    golden = _read_golden(path)
     if structural:
-        matcher = nx.is_isomorphic(structural_graph(golden), structural_graph(current),
+        try:
+            expected = structural_graph(golden)
+        except ValueError as err:
+            raise ExfxError(f"golden file {path}: {err}. Fix the file or re-record it with --update") from None
+        matcher = nx.is_isomorphic(expected, structural_graph(current),
                                    node_match=categorical_node_match("label", None),
                                    edge_match=categorical_multiedge_match("position", None))
         ok = bool(matcher)

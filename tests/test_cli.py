@@ -64,9 +64,32 @@ def test_options_that_a_plan_overrides_everywhere_are_refused(tmp_path, capsys):
     assert main(["plan", "specs:mlp", "-o", str(path)]) == 0
     capsys.readouterr()
     for command in ("explain", "flops", "graph"):
-        assert main([command, "specs:mlp", "--plan", str(path), "--alpha", "0.1"]) == 2
+        assert main([command, "specs:mlp", "--plan", str(path), "--samples", "16"]) == 2
         err = capsys.readouterr().err
-        assert "--alpha would change nothing" in err and "sets every site (2)" in err
+        assert "--samples would change nothing" in err and "sets every site (2)" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"<<<<<<< HEAD\n", "line 1 is not exfx graph text"),
+    (b"\xff\xfe graph", "is not UTF-8 text"),
+])
+def test_a_broken_golden_file_is_an_exfx_error(tmp_path, capsys, content, message):
+    """A merge-conflict line or a binary file in place of the golden file ended in a bare traceback."""
+    golden = tmp_path / "g.txt"
+    golden.write_bytes(content)
+    assert main(["check", "specs:mlp", str(golden), "--structural"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("exfx: error: golden file") and message in err and "--update" in err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--alpha", "0.3"], "--alpha is the z-test's level, but the rule is threshold"),
+    (["--rule", "ztest", "--threshold", "-1"], "--threshold is the threshold rule's, but the rule is ztest"),
+])
+def test_an_option_of_the_other_rule_is_refused(capsys, options, message):
+    """`exfx explain --alpha 0.3` (threshold rule) was accepted and changed nothing."""
+    assert main(["flops", "specs:mlp", *options]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_check_exit_codes(tmp_path, capsys):

@@ -243,6 +243,20 @@ def test_a_plan_made_with_many_samples_keeps_the_sites_it_excludes_dense() -> No
     assert [s.name for s in gm.meta["exfx_report"].eligible] == ["net.1"]
 
 
+def test_a_plan_may_be_given_as_its_file(mlp, tmp_path) -> None:
+    """compile(plan="plan.json") failed with AttributeError: 'str' object has no attribute 'check_against'."""
+    model, x = mlp
+    plan = _plan(model, x, exfx.Config(samples=8)).with_site("net.1", enabled=False)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    expected = exfx.compile(model, (x,), plan=plan)(x)
+    for given in (path, str(path)):
+        torch.testing.assert_close(exfx.compile(model, (x,), plan=given)(x), expected)
+        assert not exfx.explain(model, (x,), plan=given).site("net.1").eligible
+    with pytest.raises(TypeError, match="plan must be an exfx.Plan or the path of a plan JSON file, got dict"):
+        exfx.compile(model, (x,), plan=plan.to_dict())
+
+
 def test_per_site_plan_parameters_are_applied(mlp) -> None:
     model, x = mlp
     config = exfx.Config(threshold=0.3, samples=8)  # aggressive: every site prunes
