@@ -1,4 +1,4 @@
-"""exfx: a torch.fx compiler for dynamic (ExPrune) and static (SNP) pruning of ReLU networks.
+"""exfx: a torch.fx compiler for dynamic pruning of ReLU networks: ExPrune's early negative prediction.
 
 Example::
 
