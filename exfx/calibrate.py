@@ -622,7 +622,8 @@ def calibrate_budgets(model: torch.nn.Module, example_inputs: Any, data: Iterabl
         >>> plans[0.01].meta["calibration"]["reduction"] >= plans[0.001].meta["calibration"]["reduction"]
         True
     """
-    if isinstance(budgets, (numbers.Real, str)) or not isinstance(budgets, Iterable):
+    if (isinstance(budgets, (numbers.Real, str)) or not isinstance(budgets, Iterable)
+            or (isinstance(budgets, np.ndarray) and budgets.ndim == 0)):
         raise ValueError(f"budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got {budgets!r}")
     budgets = tuple(budgets)  # once: a generator or a numpy array alike
     if not budgets:
@@ -650,6 +651,7 @@ def _calibrate(model: torch.nn.Module, example_inputs: Any, data: Iterable[Batch
     if starting_at_1:
         raise ValueError(f"calibrate needs every schedule to start at 2 samples or more, got {starting_at_1}: the "
                          "instrumented pass records the z-test statistic (a sample variance) at every checkpoint")
+    alphas = tuple(alphas)  # a numpy array too
     bad_alphas = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a <= 0.5]
     if not alphas or bad_alphas:
         raise ValueError(f"alphas must be z-test levels in [0, 0.5], got {list(alphas)!r}")

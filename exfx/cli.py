@@ -199,6 +199,10 @@ def _run(args: argparse.Namespace) -> int:
         report = exfx.explain(model, inputs, config, plan=plan)
         new_plan = exfx.Plan.from_report(report, config)
         if plan is not None:  # the plan's sites keep their settings; the config fills in the rest
+            filled = [name for name in new_plan.sites if name not in plan.sites]
+            if filled and not any(getattr(args, name) is not None for name in CONFIG_OPTIONS):
+                print(f"exfx: note: the plan {args.plan} does not set {', '.join(filled)}: written with the "
+                      f"default settings ({config.rule}, samples {list(config.samples)})", file=sys.stderr)
             new_plan = exfx.Plan(sites={**new_plan.sites, **plan.sites}, signatures=new_plan.signatures,
                                  meta=dict(plan.meta))
         new_plan.save(args.output)

@@ -229,7 +229,7 @@ class Plan:
         model it was made from.
         """
         params = (config or Config()).site_params
-        disabled = SiteParams(enabled=False)
+        disabled = replace(params, enabled=False)  # keeps the config's rule and samples for a later with_site
         return cls(sites={s.name: params if s.eligible else disabled for s in report.sites if s.structurally_eligible},
                    signatures=dict(report.signatures))
 
@@ -312,7 +312,10 @@ class Plan:
         return cls.from_json(text)
 
     def with_site(self, name: str, **changes: Any) -> Plan:
-        """A copy with one site's parameters changed."""
+        """A copy with one site's parameters changed.
+
+        A disabled site stays disabled unless ``changes`` says ``enabled=True``.
+        """
         sites = dict(self.sites)
         sites[name] = replace(sites.get(name, SiteParams()), **changes)
         return Plan(sites=sites, signatures=dict(self.signatures), meta=dict(self.meta), version=self.version)

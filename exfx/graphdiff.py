@@ -49,6 +49,8 @@ FORMAT_VERSION = 2
 _FORMAT_LINE = re.compile(r"^# exfx graph, format (?P<version>\d+)$")
 #: Set to 1 to make ``exfx check`` and :func:`exfx.testing.assert_graph_matches` rewrite golden files.
 UPDATE_ENV = "EXFX_UPDATE_GOLDEN"
+#: How to accept the current graph, from the command line or from pytest (exfx.testing).
+_RERECORD = f"(exfx check --update, or {UPDATE_ENV}=1)"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _NODE_LINE = re.compile(r"^(?P<name>\S+) = (?P<op>\w+) (?P<target>[^(\s]+)\((?P<args>.*)\)(?:\s+# (?P<note>.*))?$")
 _RETURN_LINE = re.compile(r"^return (?P<args>.*)$")
@@ -157,8 +159,9 @@ def structural_graph(text: str) -> nx.MultiDiGraph:
 
     Names of modules and parameters are dropped too: ``get_attr`` nodes are
     labelled by the tensor type instead of the attribute name, ``call_module``
-    nodes by the module's type, and an exfx node's site-name argument is blanked. So
-    renaming a module does not change the structure, but resizing it does. A
+    nodes by the module's type and hyperparameters (its note), and an exfx
+    node's site-name argument is blanked. So renaming a module does not change
+    the structure, but resizing it (or changing its stride) does. A
     line that is neither a comment, a node nor the return raises ``ValueError``.
     """
     graph = nx.MultiDiGraph()
@@ -225,7 +228,7 @@ def _format_note(golden: str, path: str) -> str:
     if match is None or int(match["version"]) == FORMAT_VERSION:
         return ""
     return (f"{path} is in graph-text format {match['version']}, this exfx writes format {FORMAT_VERSION}: "
-            "review the diff, then rewrite the file with --update\n")
+            f"review the diff, then re-record the file {_RERECORD}\n")
 
 
 def update_requested() -> bool:
@@ -239,7 +242,7 @@ def _read_golden(path: str) -> str:
             return handle.read()
     except UnicodeDecodeError as err:
         raise ExfxError(f"golden file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        "is it an exfx graph file? Re-record it with --update") from None
+                        f"is it an exfx graph file? Re-record it {_RERECORD}") from None
 
 
 def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = False,
@@ -258,7 +261,7 @@ def check(current: str, golden_path: str | os.PathLike[str], *, update: bool = F
         try:
             expected = structural_graph(golden)
         except ValueError as err:
-            raise ExfxError(f"golden file {path}: {err}. Fix the file or re-record it with --update") from None
+            raise ExfxError(f"golden file {path}: {err}. Fix the file or re-record it {_RERECORD}") from None
         matcher = nx.is_isomorphic(expected, structural_graph(current),
                                    node_match=categorical_node_match("label", None),
                                    edge_match=categorical_multiedge_match("position", None))

@@ -59,6 +59,14 @@ def test_plan_command_keeps_the_plan_and_fills_in_unset_sites_from_the_options(t
     assert plan.fingerprint is not None  # the merged plan carries the model's signatures
 
 
+def test_plan_command_says_which_sites_it_fills_in_with_the_defaults(tmp_path, capsys):
+    partial = tmp_path / "partial.json"
+    exfx.Plan(sites={"features.3": exfx.SiteParams(threshold=-0.5, samples=8)}).save(partial)
+    assert main(["plan", "--plan", str(partial), "-o", str(tmp_path / "full.json")]) == 0
+    err = capsys.readouterr().err
+    assert "does not set features.7, classifier.1: written with the default settings (threshold" in err
+
+
 def test_options_that_a_plan_overrides_everywhere_are_refused(tmp_path, capsys):
     path = tmp_path / "plan.json"
     assert main(["plan", "specs:mlp", "-o", str(path)]) == 0

@@ -224,7 +224,7 @@ def test_plan_from_report_fits_the_same_model_with_a_site_below_the_sample_count
     report = exfx.explain(model, (x,), config)
     assert not report.site("net.2").eligible and report.site("net.2").structurally_eligible
     plan = exfx.Plan.from_report(report, config)
-    assert plan.sites["net.2"] == exfx.SiteParams(enabled=False)  # written disabled, not left out
+    assert plan.sites["net.2"] == exfx.SiteParams(samples=32, enabled=False)  # disabled, with the config's rule
     gm = exfx.compile(model, (x,), config, plan)
     assert [s.name for s in gm.meta["exfx_report"].eligible] == ["net.1"]
     # ... and a plan can then make that site eligible with fewer samples.
