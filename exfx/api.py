@@ -52,9 +52,9 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
             f"Check that example_inputs are what forward() expects.") from err
 
 
-def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_modules: Sequence[str],
-             concrete_args: Mapping[str, Any] | None, hidden_inputs: Sequence[str],
-             capture: str) -> tuple[fx.GraphModule, Report]:
+def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_modules: Sequence[str] = (),
+             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
+             capture: str = "auto") -> tuple[fx.GraphModule, Report]:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
     inputs = normalise_inputs(example_inputs)

@@ -113,7 +113,7 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     # exfx reading a symbolic batch size as a number would make Dynamo specialise (and recompile) every size.
     with torch._guards.tracing(None):
         # exfx.compile in two halves, so the plan is cut to this graph's sites from the one analysis.
-        analysed, report = _analyse(exfx_gm, inputs, config, (), None, hidden, "auto")
+        analysed, report = _analyse(exfx_gm, inputs, config, hidden_inputs=hidden)
         compiled = _rewrite(analysed, report, inputs, config, _plan_for_graph(plan, report.signatures))
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
                 len(compiled.meta["exfx_report"].eligible), len(compiled.graph.nodes))

@@ -384,8 +384,7 @@ def _record_gains(model: torch.nn.Module, example_inputs: tuple[Any, ...], batch
     On a graph that autograd cannot run, it logs a warning and leaves the gains
     empty (damage then falls back to each site's share of activation mass).
     """
-    gm, _ = _analyse(model, example_inputs, Config(), tracing.get("leaf_modules", ()), tracing.get("concrete_args"),
-                     tracing.get("hidden_inputs", ()), tracing.get("capture", "auto"))
+    gm, _ = _analyse(model, example_inputs, Config(), **tracing)
     generator = torch.Generator().manual_seed(seed + 1)
     try:
         for index, batch in enumerate(tqdm(batches, desc="exfx calibrate: gains", disable=_quiet(progress),

@@ -81,10 +81,15 @@ def _config(args: argparse.Namespace) -> exfx.Config:
         raise ExfxError(f"bad option: {err}") from None
 
 
-def _check_options_with_plan(args: argparse.Namespace, report: Report, plan: exfx.Plan) -> None:
+def _options_given(args: argparse.Namespace) -> list[str]:
+    """The rule options on the command line, as ``--name``."""
+    return [f"--{name}" for name in CONFIG_OPTIONS if getattr(args, name) is not None]
+
+
+def _check_options_with_plan(args: argparse.Namespace, report: Report, plan: exfx.Plan | None) -> None:
     """Rule options next to ``--plan`` set only the sites the plan leaves out: say so, or refuse if there are none."""
-    given = [f"--{name}" for name in CONFIG_OPTIONS if getattr(args, name) is not None]
-    if not given:
+    given = _options_given(args)
+    if plan is None or not given:
         return
     unset = [s.name for s in report.sites if s.structurally_eligible and s.name not in plan.sites]
     options = ", ".join(given)
@@ -186,30 +191,35 @@ def _run(args: argparse.Namespace) -> int:
     model, inputs = load_spec(args.spec)
     config = _config(args)
     plan = exfx.Plan.load(args.plan) if args.plan else None
-    if plan is not None:
-        _check_options_with_plan(args, exfx.explain(model, inputs, config, plan=plan), plan)
-    if args.command == "explain":
+    if args.command in ("explain", "plan"):
         report = exfx.explain(model, inputs, config, plan=plan)
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report)
-    elif args.command == "flops":
-        compiled = exfx.compile(model, inputs, config, plan)
+        _check_options_with_plan(args, report, plan)
+        if args.command == "explain":
+            print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+        else:
+            _write_plan(args, report, config, plan)
+        return 0
+    compiled = exfx.compile(model, inputs, config, plan)
+    _check_options_with_plan(args, compiled.meta["exfx_report"], plan)
+    if args.command == "flops":
         flops = exfx.count_flops(compiled, *inputs)
         print(json.dumps(flops.to_dict(), indent=2) if args.json else flops)
-    elif args.command == "plan":
-        report = exfx.explain(model, inputs, config, plan=plan)
-        new_plan = exfx.Plan.from_report(report, config)
-        if plan is not None:  # the plan's sites keep their settings; the config fills in the rest
-            filled = [name for name in new_plan.sites if name not in plan.sites]
-            if filled and not any(getattr(args, name) is not None for name in CONFIG_OPTIONS):
-                print(f"exfx: note: the plan {args.plan} does not set {', '.join(filled)}: written with the "
-                      f"default settings ({config.rule}, samples {list(config.samples)})", file=sys.stderr)
-            new_plan = exfx.Plan(sites={**new_plan.sites, **plan.sites}, signatures=new_plan.signatures,
-                                 meta=dict(plan.meta))
-        new_plan.save(args.output)
-        print(f"wrote a plan for {len(new_plan.sites)} sites to {args.output}")
-    else:
-        return _graph_commands(args, model, inputs, exfx.compile(model, inputs, config, plan))
-    return 0
+        return 0
+    return _graph_commands(args, model, inputs, compiled)
+
+
+def _write_plan(args: argparse.Namespace, report: Report, config: exfx.Config, plan: exfx.Plan | None) -> None:
+    """``exfx plan``: every eligible site the config's settings; a given plan's sites keep their own."""
+    new_plan = exfx.Plan.from_report(report, config)
+    if plan is not None:
+        filled = [name for name in new_plan.sites if name not in plan.sites]
+        if filled and not _options_given(args):
+            print(f"exfx: note: the plan {args.plan} does not set {', '.join(filled)}: written with the "
+                  f"default settings ({config.rule}, samples {list(config.samples)})", file=sys.stderr)
+        new_plan = exfx.Plan(sites={**new_plan.sites, **plan.sites}, signatures=new_plan.signatures,
+                             meta=dict(plan.meta))
+    new_plan.save(args.output)
+    print(f"wrote a plan for {len(new_plan.sites)} sites to {args.output}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
