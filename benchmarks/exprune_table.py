@@ -249,10 +249,31 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(names: list[str]) -> list[dict[str, Any]]:
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """The per-model records present in ``folder`` (``<model>.json``), in ``BENCHMARKS`` order."""
+    return [json.loads((folder / f"{name}.json").read_text()) for name in BENCHMARKS
+            if (folder / f"{name}.json").exists()]
+
+
+def measure_models(names: list[str], folder: Path, measure_one: Callable[[Benchmark], dict[str, Any]],
+                   doing: str) -> None:
+    """Measure each benchmark of ``names`` whose checkpoint exists; write its record to ``folder/<model>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        try:
+            bench = BENCHMARKS[name]()
+        except FileNotFoundError as err:
+            logger.warning("skipping %s: %s", name, err)
+            continue
+        logger.info("%s %s", doing, name)
+        record = measure_one(bench)
+        (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        logger.info("%s: %s", name, {k: v for k, v in record.items() if not k.startswith("plan_")})
+
+
+def write_results() -> list[dict[str, Any]]:
     """Rebuild exprune.json and exprune.md from the per-model records present, in ``BENCHMARKS`` order."""
-    records = [json.loads((RECORDS / f"{name}.json").read_text()) for name in names
-               if (RECORDS / f"{name}.json").exists()]
+    records = read_records(RECORDS)
     (RESULTS / "exprune.json").write_text(json.dumps(records, indent=2) + "\n")
     (RESULTS / "exprune.md").write_text(markdown(records))
     return records
@@ -267,18 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    for name in args.models:
-        try:
-            bench = BENCHMARKS[name]()
-        except FileNotFoundError as err:
-            logger.warning("skipping %s: %s", name, err)
-            continue
-        logger.info("measuring %s", name)
-        record = measure(bench, args.search_factor)
-        (RECORDS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-        logger.info("%s: %s", name, {k: v for k, v in record.items() if not k.startswith("plan_")})
-    print(markdown(write_results(list(BENCHMARKS))))
+    measure_models(args.models, RECORDS, lambda bench: measure(bench, args.search_factor), "measuring")
+    print(markdown(write_results()))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ import torch
 
 import exfx
 from exfx.calibrate import evaluate
-from benchmarks.exprune_table import BENCHMARKS, RECORDS, RESULTS, Benchmark
+from benchmarks.exprune_table import BENCHMARKS, RECORDS, RESULTS, Benchmark, measure_models, read_records
 
-logger = logging.getLogger("benchmarks.paper_protocol")
 
 OUT = RESULTS / "paper_protocol"
 BUDGETS = ((0.001, "0p1"), (0.01, "1p0"))
@@ -40,9 +39,9 @@ def select_on_test(bench: Benchmark) -> dict[str, Any]:
     """Calibrate on the test split itself (the paper's optimistic protocol); the plan's test figures."""
     # The drop is from the plain model's test score, as in the reproduction table (calibrate's own baseline is
     # the compiled module with every site disabled, which can differ from it in the last float bits).
-    baseline = evaluate(bench.model, bench.test, bench.metric).score
-    record: dict[str, Any] = {"model": bench.name, "test_examples": sum(len(t) for _, t in bench.test),
-                              "baseline": baseline}
+    dense = evaluate(bench.model, bench.test, bench.metric)
+    baseline, examples = dense.score, sum(len(t) for _, t in bench.test)
+    record: dict[str, Any] = {"model": bench.name, "test_examples": examples, "baseline": baseline}
     for budget, key in BUDGETS:
         plan = exfx.calibrate(bench.model, bench.example_inputs, bench.test, bench.metric, budget)
         calibration = plan.meta["calibration"]
@@ -51,9 +50,8 @@ def select_on_test(bench: Benchmark) -> dict[str, Any]:
         record[f"test_selected_drop_{key}"] = baseline - calibration["score"]
         record[f"calib_seconds_{key}"] = calibration["seconds"]
         record[f"calib_evals_{key}"] = calibration["evals"]
-        if bench.site_flops:
-            dense = exfx.count_flops(bench.model, *bench.example_inputs).dense
-            share = bench.site_flops * len(bench.example_inputs[0]) / dense
+        if bench.site_flops:  # the share of the model's FLOPs at its sites, as in the table
+            share = bench.site_flops / (dense.dense / examples)
             record[f"test_selected_site_reduction_{key}"] = calibration["reduction"] / share
     return record
 
@@ -97,19 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name in args.models:
-        try:
-            bench = BENCHMARKS[name]()
-        except FileNotFoundError as err:
-            logger.warning("skipping %s: %s", name, err)
-            continue
-        logger.info("calibrating %s on its test split", name)
-        record = select_on_test(bench)
-        (OUT / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-        logger.info("%s: %s", name, record)
-    records = [json.loads((OUT / f"{name}.json").read_text()) for name in BENCHMARKS if (OUT / f"{name}.json").exists()]
-    text = markdown(records)
+    measure_models(args.models, OUT, select_on_test, "calibrating on its test split:")
+    text = markdown(read_records(OUT))
     (RESULTS / "paper_protocol.md").write_text(text)
     print(text)
 
