@@ -338,7 +338,10 @@ class _Recorder(fx.Interpreter):
 
 def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Batch], sites: list[Any],
                 signatures: dict[str, str], checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
-                progress: bool | None, tracing: Mapping[str, Any] = MappingProxyType({})) -> dict[str, _SiteSample]:
+                progress: bool | None, tracing: Mapping[str, Any] = MappingProxyType({}),
+                recorder: type[_Recorder] = _Recorder) -> dict[str, _SiteSample]:
+    """Run the never-pruning probe over ``data``, recording each site's sampled neurons (``recorder``: a
+    :class:`_Recorder` subclass may record more, e.g. :mod:`benchmarks.predictor_frontier`)."""
     # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
     plan = _plan(signatures, {s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
     probe = exfx_compile(model, example_inputs, plan=plan, **tracing)
@@ -349,8 +352,7 @@ def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: I
     with torch.no_grad():
         for batch in tqdm(batches, desc="exfx calibrate: instrument", disable=_quiet(progress), leave=False):
             inputs, _ = _split(batch)
-            recorder = _Recorder(probe, samples, per_batch, generator)
-            recorder.run(*inputs)
+            recorder(probe, samples, per_batch, generator).run(*inputs)
     return samples
 
 

@@ -88,3 +88,35 @@ def test_text_split_deals_whole_files_deterministically(tmp_path):
     files = [path for split in text_data.SPLITS for path in first[split]]
     assert sorted(files) == sorted(tmp_path.glob("*.rst.txt")) and len(set(files)) == 40
     assert all(first[split] for split in text_data.SPLITS)
+
+
+def _tiny_bench(name: str, model: torch.nn.Module, batches: list) -> "Benchmark":
+    from benchmarks.exprune_table import Benchmark, accuracy
+
+    return Benchmark(name, model.eval(), (batches[0][0][:2],), batches, batches, accuracy, "accuracy")
+
+
+def test_importance_order_keeps_the_function_and_puts_the_heaviest_units_first():
+    from benchmarks.models import VGG11
+    from benchmarks.predictor_frontier import importance_ordered
+
+    from models import randomise_bn
+
+    torch.manual_seed(0)
+    model = randomise_bn(VGG11(in_channels=1, width=2)).eval()
+    batches = [(torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))) for _ in range(8)]
+    ordered = importance_ordered(_tiny_bench("vgg11", model, batches))
+    with torch.no_grad():
+        torch.testing.assert_close(ordered(batches[0][0]), model(batches[0][0]), rtol=1e-4, atol=1e-5)
+    convs = [m for m in ordered.features if isinstance(m, torch.nn.Conv2d)]
+    second = convs[1].weight.detach()
+    assert not torch.equal(second, [m for m in model.features if isinstance(m, torch.nn.Conv2d)][1].weight)
+    assert importance_ordered(_tiny_bench("resnet18", model, batches)) is None
+
+
+def test_channel_of_matches_unravel_index():
+    from benchmarks.predictor_frontier import channel_of
+
+    flat = torch.arange(2 * 3 * 4 * 5)
+    assert torch.equal(channel_of(flat, (2, 3, 4, 5), linear=False), torch.unravel_index(flat, (2, 3, 4, 5))[1])
+    assert torch.equal(channel_of(torch.arange(24), (2, 3, 4), linear=True), torch.arange(24) % 4)
