@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import json
 import logging
@@ -70,7 +71,9 @@ PRICES = calibration._LAMBDA_GRID[::4]
 class _ChannelRecorder(calibration._Recorder):
     """calibrate's recorder; also keeps, per batch and site, the sampled neurons' channels and ``shift / n``."""
 
-    extras: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    def __init__(self, *args: Any, extras: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        super().__init__(*args)
+        self.extras = extras
 
     def run_node(self, n: Any) -> Any:
         result = super().run_node(n)
@@ -100,11 +103,11 @@ def instrument(bench: Benchmark, model: nn.Module) -> tuple[dict[str, Any], dict
     sites, signatures = calibration._eligible_sites(model, example, calibration.DEFAULT_SCHEDULES)
     checkpoints = {s.name: tuple(sorted({k for schedule in calibration.DEFAULT_SCHEDULES
                                          if schedule[-1] <= s.fan_in for k in schedule})) for s in sites}
-    _ChannelRecorder.extras = {}
+    extras: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     samples = calibration._instrument(model, example, bench.val, sites, signatures, checkpoints, MAX_NEURONS, 0,
-                                      None, recorder=_ChannelRecorder)
+                                      None, recorder=functools.partial(_ChannelRecorder, extras=extras))
     calibration._record_gains(model, example, bench.val, samples, 0, None)
-    return samples, _ChannelRecorder.extras, calibration._harm_scales(samples)
+    return samples, extras, calibration._harm_scales(samples)
 
 
 # ---------------------------------------------------------------------------

@@ -339,9 +339,9 @@ class _Recorder(fx.Interpreter):
 def _instrument(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Batch], sites: list[Any],
                 signatures: dict[str, str], checkpoints: dict[str, tuple[int, ...]], max_neurons: int, seed: int,
                 progress: bool | None, tracing: Mapping[str, Any] = MappingProxyType({}),
-                recorder: type[_Recorder] = _Recorder) -> dict[str, _SiteSample]:
-    """Run the never-pruning probe over ``data``, recording each site's sampled neurons (``recorder``: a
-    :class:`_Recorder` subclass may record more, e.g. :mod:`benchmarks.predictor_frontier`)."""
+                recorder: Callable[..., _Recorder] = _Recorder) -> dict[str, _SiteSample]:
+    """Run the never-pruning probe over ``data``, recording each site's sampled neurons (``recorder`` builds
+    the :class:`_Recorder` of each batch; a subclass may record more, e.g. :mod:`benchmarks.predictor_frontier`)."""
     # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
     plan = _plan(signatures, {s.name: SiteParams(rule="ztest", alpha=0.0, samples=checkpoints[s.name]) for s in sites})
     probe = exfx_compile(model, example_inputs, plan=plan, **tracing)
