@@ -279,15 +279,27 @@ def write_results() -> list[dict[str, Any]]:
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: ``--models`` and ``--threads``; described by ``doc``'s first line."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
-    parser.add_argument("--search-factor", type=int, default=10,
-                        help="random search gets this many times calibrate's evaluations")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, then set up logging and the torch CPU threads as the scripts all do."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--search-factor", type=int, default=10,
+                        help="random search gets this many times calibrate's evaluations")
+    args = parse_benchmark_args(parser, argv)
     measure_models(args.models, RECORDS, lambda bench: measure(bench, args.search_factor), "measuring")
     print(markdown(write_results()))
 

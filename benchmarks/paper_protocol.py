@@ -19,16 +19,14 @@ sets each test-selected figure beside the validation-selected one from the table
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from typing import Any
 
-import torch
 
 import exfx
 from exfx.calibrate import evaluate
-from benchmarks.exprune_table import BENCHMARKS, RECORDS, RESULTS, Benchmark, measure_models, read_records
+from benchmarks.exprune_table import (RECORDS, RESULTS, Benchmark, benchmark_parser, measure_models,
+                                      parse_benchmark_args, read_records)
 
 
 OUT = RESULTS / "paper_protocol"
@@ -89,12 +87,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(benchmark_parser(__doc__), argv)
     measure_models(args.models, OUT, select_on_test, "calibrating on its test split:")
     text = markdown(read_records(OUT))
     (RESULTS / "paper_protocol.md").write_text(text)

@@ -28,12 +28,12 @@ Variants (``m = S_k / k + shift / n``, the mean term, with ``shift`` the bias pl
   permuted, which leaves the function unchanged, so that the first k are those with the largest
   ``E[x_i ** 2] * sum_j (s_j W_ji) ** 2`` for the consuming layer (``s_j``: its BatchNorm scale).
 
-Writes benchmarks/results/predictor_frontier.json and predictor_frontier.md.
+Writes benchmarks/results/predictor_frontier/<model>.json (so models can be measured one command at a time,
+or side by side), then benchmarks/results/predictor_frontier.md from every record present.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import importlib
@@ -49,7 +49,8 @@ from torch import nn
 from exfx.capture import normalise_inputs
 from exfx.ops import enp_ops
 import exfx
-from benchmarks.exprune_table import BENCHMARKS, RECORDS, RESULTS, Benchmark
+from benchmarks.exprune_table import (RECORDS, RESULTS, Benchmark, benchmark_parser, measure_models,
+                                      parse_benchmark_args, read_records)
 
 # ``exfx.calibrate`` is also the name of the function the package exports.
 calibration = importlib.import_module("exfx.calibrate")
@@ -59,6 +60,7 @@ logger = logging.getLogger("benchmarks.predictor_frontier")
 DAMAGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SHIFT_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 MAX_NEURONS = 200_000
+OUT = RESULTS / "predictor_frontier"
 #: the Lagrangian price grid of calibrate, every 4th price (the frontier's resolution)
 PRICES = calibration._LAMBDA_GRID[::4]
 
@@ -156,17 +158,32 @@ def channel_scales(sample: Any, extras: list[Any], batches: Sequence[int]) -> di
     return scales
 
 
-def variant_transforms(name: str, sample: Any, extras: list[Any], fit: Sequence[int]) -> list[tuple[str, Transform]]:
-    """The (label, transform) options a site may choose from under variant ``name``, fitted on ``fit``."""
+def variant_transforms(name: str, sample: Any, extras: list[Any], fit: Sequence[int]) -> list[Transform]:
+    """The transforms a site may choose from under variant ``name``, fitted on the batches ``fit``."""
     if name in ("paper", "paper_both_rules", "importance_order"):
-        return [("", _identity)]
+        return [_identity]
     if name == "channel_scale":
         scales = channel_scales(sample, extras, fit)
-        return [("", lambda statistic, b, k: statistic / scales[k][extras[b][0]])]
+        return [lambda statistic, b, k: statistic / scales[k][extras[b][0]]]
     if name == "shift_weight":
-        return [(f"w={w:g}", lambda statistic, b, k, w=w: statistic + (w - 1) * extras[b][1])
-                for w in SHIFT_WEIGHTS]
+        return [lambda statistic, b, k, w=w: statistic + (w - 1) * extras[b][1] for w in SHIFT_WEIGHTS]
     raise ValueError(f"unknown variant {name!r}")
+
+
+Prepared = tuple[Any, dict[int, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]
+
+
+def _prepare(sample: Any) -> Prepared:
+    """What :func:`calibration._replay` reads of a sample, computed once: the sample, its statistics, the
+    positive part of its pre-activations and its harm."""
+    stats, pre = sample.tensors()
+    return sample, stats, pre.clamp_min(0.0), sample.harm()
+
+
+def _price(prepared: Prepared, params: Any) -> tuple[float, float]:
+    """Executed FLOPs per neuron and the summed harm of the false prunes of ``params`` on a prepared sample."""
+    sample, stats, positive, harm = prepared
+    return calibration._replay(stats, positive, harm, sample, params)
 
 
 def frontier(samples: dict[str, Any], extras: dict[str, list[Any]], scales: dict[str, float],
@@ -176,27 +193,27 @@ def frontier(samples: dict[str, Any], extras: dict[str, list[Any]], scales: dict
     fit, held_out = list(range(0, batches, 2)), list(range(1, batches, 2))
     total = sum(s.fan_in * s.cost_per_unit * s.neurons for s in samples.values())
     rules = ("threshold", "ztest") if variant == "paper_both_rules" else ("threshold",)
-    options: dict[str, list[tuple[Transform, Any]]] = {}
+    options: dict[str, list[tuple[Prepared, Any]]] = {}  # per site: (held-out sample, candidate priced on fit)
+    held_out_scale: dict[str, float] = {}  # harm of the held-out sample -> damage, in calibrate's unit
     for name, sample in samples.items():
         options[name] = []
-        for _, transform in variant_transforms(variant, sample, extras[name], fit):
+        for transform in variant_transforms(variant, sample, extras[name], fit):
             priced = calibration._candidates(_subset(sample, fit, transform), calibration.DEFAULT_SCHEDULES,
                                              calibration.DEFAULT_ALPHAS, rules, scales[name])
-            options[name] += [(transform, candidate) for candidate in priced]
-    held = {name: len(torch.cat([sample.pre[b] for b in held_out])) for name, sample in samples.items()}
+            held = _prepare(_subset(sample, held_out, transform))
+            options[name] += [(held, candidate) for candidate in priced]
+        held_out_scale[name] = scales[name] * sum(len(p) for p in sample.pre) / len(options[name][0][0][2])
     points = []
     for lam in PRICES:
         saved = damage = 0.0
         for name, choices in options.items():
-            transform, best = max(choices, key=lambda choice: choice[1].saved / total - lam * choice[1].damage)
+            held, best = max(choices, key=lambda choice: choice[1].saved / total - lam * choice[1].damage)
             if not best.params.enabled:
                 continue
-            sample = _subset(samples[name], held_out, transform)
-            stats, pre = sample.tensors()
-            flops, harm = calibration._replay(stats, pre.clamp_min(0.0), sample.harm(), sample, best.params)
+            flops, harm = _price(held, best.params)
+            sample = held[0]
             saved += (sample.fan_in * sample.cost_per_unit - flops) * sample.neurons
-            total_sampled = sum(len(p) for p in samples[name].pre)
-            damage += harm * scales[name] * total_sampled / held[name]
+            damage += harm * held_out_scale[name]
         points.append((damage, saved / total))
     return points
 
@@ -272,13 +289,8 @@ def importance_ordered(bench: Benchmark) -> nn.Module | None:
 
 def plan_damage(samples: dict[str, Any], scales: dict[str, float], plan: exfx.Plan) -> float:
     """A plan's damage on the whole validation sample, in calibrate's unit (its pricing of the plan)."""
-    damage = 0.0
-    for name, sample in samples.items():
-        params = plan.sites[name]
-        if params.enabled:
-            stats, pre = sample.tensors()
-            damage += calibration._replay(stats, pre.clamp_min(0.0), sample.harm(), sample, params)[1] * scales[name]
-    return damage
+    return sum(_price(_prepare(sample), plan.sites[name])[1] * scales[name]
+               for name, sample in samples.items() if plan.sites[name].enabled)
 
 
 def table_plans_damage(bench: Benchmark, samples: dict[str, Any], scales: dict[str, float]) -> dict[str, float]:
@@ -290,7 +302,8 @@ def table_plans_damage(bench: Benchmark, samples: dict[str, Any], scales: dict[s
     return {key: plan_damage(samples, scales, exfx.Plan.from_dict(record[f"plan_{key}"])) for key in ("0p1", "1p0")}
 
 
-def measure(bench: Benchmark) -> list[dict[str, Any]]:
+def measure(bench: Benchmark) -> dict[str, Any]:
+    """The model's record: one row per variant, with the held-out savings at each damage level."""
     rows = []
     samples, extras, scales = instrument(bench, bench.model)
     table_damage = table_plans_damage(bench, samples, scales)
@@ -308,7 +321,7 @@ def measure(bench: Benchmark) -> list[dict[str, Any]]:
         rows.append({"model": bench.name, "variant": "importance_order",
                      "saved": {f"{d:g}": saved_within(points, d) for d in DAMAGES}})
         logger.info("%s importance_order: %s", bench.name, rows[-1]["saved"])
-    return rows
+    return {"model": bench.name, "rows": rows}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -327,28 +340,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    measured: list[dict[str, Any]] = []
-    for name in args.models:
-        try:
-            bench = BENCHMARKS[name]()
-        except FileNotFoundError as err:
-            logger.warning("skipping %s: %s", name, err)
-            continue
-        measured += measure(bench)
-    # Read the other models' rows only now, so two commands measuring different models can run side by side.
-    path = RESULTS / "predictor_frontier.json"
-    done = {r["model"] for r in measured}
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["model"] not in done] + measured
-    rows.sort(key=lambda r: list(BENCHMARKS).index(r["model"]))
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / "predictor_frontier.md").write_text(markdown(rows))
-    print(markdown(rows))
+    args = parse_benchmark_args(benchmark_parser(__doc__), argv)
+    measure_models(args.models, OUT, measure, "comparing early-exit statistics on")
+    text = markdown([row for record in read_records(OUT) for row in record["rows"]])
+    (RESULTS / "predictor_frontier.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
