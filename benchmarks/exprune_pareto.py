@@ -17,8 +17,8 @@ import torch
 
 import exfx
 from benchmarks.exprune_table import BENCHMARKS, ORACLE_SAMPLES, RESULTS
-from exfx import pareto
-from exfx.calibrate import evaluate, oracle
+from exfx.tune import pareto
+from exfx.tune.evaluation import evaluate, oracle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,15 +33,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         bench = BENCHMARKS[record["model"]]()
         examples = sum(len(t) for _, t in bench.test)
+        analysis = exfx.analyse(bench.model, bench.example_inputs)  # once: both plans, the oracle and the sweep
         points = {"dense": evaluate(bench.model, bench.test, bench.metric)}
         labels = (("0p1", "calibrated, ≤0.1 pt on validation"), ("1p0", "calibrated, ≤1 pt on validation"))
         for key, label in labels:
             plan = exfx.Plan.from_dict(record[f"plan_{key}"])
-            points[label] = evaluate(exfx.compile(bench.model, bench.example_inputs, plan=plan), bench.test,
-                                     bench.metric)
-        points["oracle bound"] = oracle(bench.model, bench.example_inputs, bench.test, bench.metric,
-                                        samples=ORACLE_SAMPLES)
-        curves = pareto.sweep(bench.model, bench.example_inputs, bench.test, bench.metric)
+            points[label] = evaluate(analysis.compile(plan), bench.test, bench.metric)
+        points["oracle bound"] = oracle(analysis, None, bench.test, bench.metric, samples=ORACLE_SAMPLES)
+        curves = pareto.sweep(analysis, None, bench.test, bench.metric)
         path = RESULTS / f"pareto_{record['model']}.png"
         pareto.plot(path, f"exfx: {record['model']}, test split", curves, points, examples,
                     f"test {record['metric']}")

@@ -17,7 +17,7 @@ prints; ``TRAIN_COMMANDS`` lists them), it measures:
 - the paper's published range beside each.
 
 Selection never sees the test split: :func:`select_plan` takes only the
-validation batches, and the test batches only reach :func:`exfx.calibrate.evaluate`
+validation batches, and the test batches only reach :func:`exfx.evaluate`
 of plans already chosen.
 
 Each model's record is written to benchmarks/results/records/<model>.json as
@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 import exfx
-from exfx.calibrate import DEFAULT_SCHEDULES, Evaluation, evaluate, oracle
+from exfx.tune.calibration import DEFAULT_SCHEDULES
+from exfx.tune.evaluation import Evaluation, evaluate, oracle
 
 logger = logging.getLogger("benchmarks.exprune_table")
 
@@ -160,12 +161,15 @@ def search_plan(bench: Benchmark, budget: float, evals: int) -> exfx.Plan:
     return exfx.random_search(bench.model, bench.example_inputs, bench.val, bench.metric, budget, evals=evals)
 
 
-def _on_test(bench: Benchmark, plan: exfx.Plan) -> Evaluation:
-    return evaluate(exfx.compile(bench.model, bench.example_inputs, plan=plan), bench.test, bench.metric)
+def _on_test(bench: Benchmark, analysis: exfx.Analysis, plan: exfx.Plan) -> Evaluation:
+    return evaluate(analysis.compile(plan), bench.test, bench.metric)
 
 
 def measure(bench: Benchmark, search_factor: int) -> dict[str, Any]:
+    """Calibrate and random search each start from the model (their times include their own analysis); the
+    chosen plans are compiled for the test split from one analysis."""
     started = time.perf_counter()
+    analysis = exfx.analyse(bench.model, bench.example_inputs)
     examples = sum(len(t) for _, t in bench.test)
     baseline = evaluate(bench.model, bench.test, bench.metric)
     record: dict[str, Any] = {"model": bench.name, "metric": bench.metric_name, "baseline": baseline.score,
@@ -175,7 +179,7 @@ def measure(bench: Benchmark, search_factor: int) -> dict[str, Any]:
                               "confidence": CONFIDENCE, **_extras(bench, baseline, "baseline")}
     for budget, key in ((0.001, "0p1"), (0.01, "1p0")):
         plan = select_plan(bench, budget)
-        result = _on_test(bench, plan)
+        result = _on_test(bench, analysis, plan)
         record[f"reduction_{key}"] = result.reduction
         record[f"drop_{key}"] = baseline.score - result.score
         record[f"calib_seconds_{key}"] = plan.meta["calibration"]["seconds"]
@@ -193,7 +197,7 @@ def measure(bench: Benchmark, search_factor: int) -> dict[str, Any]:
     record["oracle"] = oracle(bench.model, bench.example_inputs, bench.test, bench.metric,
                               samples=ORACLE_SAMPLES).reduction
     searched = search_plan(bench, 0.01, evals=search_factor * record["calib_evals"])
-    found = _on_test(bench, searched)
+    found = _on_test(bench, analysis, searched)
     record.update(search_evals=searched.meta["calibration"]["evals"], search_reduction_1p0=found.reduction,
                   search_drop_1p0=baseline.score - found.score,
                   search_seconds=searched.meta["calibration"]["seconds"])

@@ -24,7 +24,7 @@ from typing import Any
 
 
 import exfx
-from exfx.calibrate import evaluate
+from exfx.tune.evaluation import evaluate
 from benchmarks.exprune_table import (RECORDS, RESULTS, Benchmark, benchmark_parser, measure_models,
                                       parse_benchmark_args, read_records)
 
@@ -40,8 +40,9 @@ def select_on_test(bench: Benchmark) -> dict[str, Any]:
     dense = evaluate(bench.model, bench.test, bench.metric)
     baseline, examples = dense.score, sum(len(t) for _, t in bench.test)
     record: dict[str, Any] = {"model": bench.name, "test_examples": examples, "baseline": baseline}
+    analysis = exfx.analyse(bench.model, bench.example_inputs)  # once for both budgets
     for budget, key in BUDGETS:
-        plan = exfx.calibrate(bench.model, bench.example_inputs, bench.test, bench.metric, budget)
+        plan = exfx.calibrate(analysis, None, bench.test, bench.metric, budget)
         calibration = plan.meta["calibration"]
         record[f"test_selected_reduction_{key}"] = calibration["reduction"]
         record[f"test_selected_score_{key}"] = calibration["score"]

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import json
 import logging
 import math
@@ -46,14 +45,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from exfx.capture import normalise_inputs
-from exfx.ops import enp_ops
 import exfx
 from benchmarks.exprune_table import (RECORDS, RESULTS, Benchmark, benchmark_parser, measure_models,
                                       parse_benchmark_args, read_records)
-
-# ``exfx.calibrate`` is also the name of the function the package exports.
-calibration = importlib.import_module("exfx.calibrate")
+from exfx.capture import normalise_inputs
+from exfx.cost.model import op_arguments, site_cost
+from exfx.ops.enp import bias_and_residual
+from exfx.tune.calibration import DEFAULT_ALPHAS, DEFAULT_SCHEDULES
+from exfx.tune.evaluation import tunable_sites
+from exfx.tune.instrument import Recorder, SiteSample, instrument as instrument_sites, on_cpu, record_gains
+from exfx.tune.pricing import LAMBDA_GRID, candidates, harm_scales, replay
 
 logger = logging.getLogger("benchmarks.predictor_frontier")
 
@@ -62,7 +63,7 @@ SHIFT_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 MAX_NEURONS = 200_000
 OUT = RESULTS / "predictor_frontier"
 #: the Lagrangian price grid of calibrate, every 4th price (the frontier's resolution)
-PRICES = calibration._LAMBDA_GRID[::4]
+PRICES = LAMBDA_GRID[::4]
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +71,7 @@ PRICES = calibration._LAMBDA_GRID[::4]
 # ---------------------------------------------------------------------------
 
 
-class _ChannelRecorder(calibration._Recorder):
+class _ChannelRecorder(Recorder):
     """calibrate's recorder; also keeps, per batch and site, the sampled neurons' channels and ``shift / n``."""
 
     def __init__(self, *args: Any, extras: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
@@ -80,15 +81,14 @@ class _ChannelRecorder(calibration._Recorder):
     def run_node(self, n: Any) -> Any:
         result = super().run_node(n)
         if n.op == "call_function" and n.target is torch.ops.exfx.complete.default:
-            args = self.fetch_args_kwargs_from_env(n)[0]
-            x, weight, state, bias, residual, n_units, site = *args[:5], args[7], args[12]
-            picked = self.index[site]
-            shift = enp_ops._shift(state, weight, bias, residual)
+            a = op_arguments(n.target, *self.fetch_args_kwargs_from_env(n))
+            picked = self.index[a["site"]]
+            shift = bias_and_residual(a["state"], a["weight"], a["bias"], a["residual"])
             shift_per_term = (torch.zeros(len(picked), dtype=torch.double) if shift is None
-                              else calibration._on_cpu(torch.broadcast_to(shift, result.shape), picked))
-            shift_per_term = shift_per_term / enp_ops.fan_in_of(x, weight, n_units)
-            self.extras.setdefault(site, []).append((channel_of(picked, result.shape, weight.dim() == 2),
-                                                     shift_per_term))
+                              else on_cpu(torch.broadcast_to(shift, result.shape), picked))
+            shift_per_term = shift_per_term / site_cost(a["x"], a["weight"], a["n_units"]).fan_in
+            self.extras.setdefault(a["site"], []).append((channel_of(picked, result.shape, a["weight"].dim() == 2),
+                                                          shift_per_term))
         return result
 
 
@@ -101,15 +101,15 @@ def channel_of(flat: torch.Tensor, shape: Sequence[int], linear: bool) -> torch.
 
 def instrument(bench: Benchmark, model: nn.Module) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, float]]:
     """Calibrate's instrumented pass and gains over the validation split: samples, extras, harm scales."""
-    example = normalise_inputs(bench.example_inputs)
-    sites, signatures = calibration._eligible_sites(model, example, calibration.DEFAULT_SCHEDULES)
-    checkpoints = {s.name: tuple(sorted({k for schedule in calibration.DEFAULT_SCHEDULES
-                                         if schedule[-1] <= s.fan_in for k in schedule})) for s in sites}
+    analysis = exfx.analyse(model, bench.example_inputs)
+    checkpoints = {s.name: tuple(sorted({k for schedule in DEFAULT_SCHEDULES
+                                         if schedule[-1] <= (s.fan_in or 0) for k in schedule}))
+                   for s in tunable_sites(analysis, DEFAULT_SCHEDULES)}
     extras: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    samples = calibration._instrument(model, example, bench.val, sites, signatures, checkpoints, MAX_NEURONS, 0,
-                                      None, recorder=functools.partial(_ChannelRecorder, extras=extras))
-    calibration._record_gains(model, example, bench.val, samples, 0, None)
-    return samples, extras, calibration._harm_scales(samples)
+    samples = instrument_sites(analysis, bench.val, checkpoints, MAX_NEURONS, 0, None,
+                               recorder=functools.partial(_ChannelRecorder, extras=extras))
+    record_gains(analysis, bench.val, samples, 0, None)
+    return samples, extras, harm_scales(samples)
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ Transform = Callable[[torch.Tensor, int, int], torch.Tensor]  # (statistic, batc
 
 def _subset(sample: Any, batches: Sequence[int], transform: Transform) -> Any:
     """The site sample restricted to ``batches``, with its threshold statistic transformed."""
-    out = calibration._SiteSample(fan_in=sample.fan_in, cost_per_unit=sample.cost_per_unit, neurons=sample.neurons)
+    out = SiteSample(cost=sample.cost, neurons=sample.neurons)
     for k, per_rule in sample.checkpoints.items():
         out.checkpoints[k] = {"threshold": [transform(per_rule["threshold"][b], b, k) for b in batches],
                               "ztest": [per_rule["ztest"][b] for b in batches]}
@@ -174,7 +174,7 @@ Prepared = tuple[Any, dict[int, dict[str, torch.Tensor]], torch.Tensor, torch.Te
 
 
 def _prepare(sample: Any) -> Prepared:
-    """What :func:`calibration._replay` reads of a sample, computed once: the sample, its statistics, the
+    """What :func:`exfx.tune.pricing.replay` reads of a sample, computed once: the sample, its statistics, the
     positive part of its pre-activations and its harm."""
     stats, pre = sample.tensors()
     return sample, stats, pre.clamp_min(0.0), sample.harm()
@@ -183,7 +183,7 @@ def _prepare(sample: Any) -> Prepared:
 def _price(prepared: Prepared, params: Any) -> tuple[float, float]:
     """Executed FLOPs per neuron and the summed harm of the false prunes of ``params`` on a prepared sample."""
     sample, stats, positive, harm = prepared
-    return calibration._replay(stats, positive, harm, sample, params)
+    return replay(stats, positive, harm, sample, params)
 
 
 def frontier(samples: dict[str, Any], extras: dict[str, list[Any]], scales: dict[str, float],
@@ -191,15 +191,15 @@ def frontier(samples: dict[str, Any], extras: dict[str, list[Any]], scales: dict
     """(held-out damage, held-out share of the sites' FLOPs saved) along the price grid, for ``variant``."""
     batches = len(next(iter(samples.values())).pre)
     fit, held_out = list(range(0, batches, 2)), list(range(1, batches, 2))
-    total = sum(s.fan_in * s.cost_per_unit * s.neurons for s in samples.values())
+    total = sum(s.cost.dense * s.neurons for s in samples.values())
     rules = ("threshold", "ztest") if variant == "paper_both_rules" else ("threshold",)
     options: dict[str, list[tuple[Prepared, Any]]] = {}  # per site: (held-out sample, candidate priced on fit)
     held_out_scale: dict[str, float] = {}  # harm of the held-out sample -> damage, in calibrate's unit
     for name, sample in samples.items():
         options[name] = []
         for transform in variant_transforms(variant, sample, extras[name], fit):
-            priced = calibration._candidates(_subset(sample, fit, transform), calibration.DEFAULT_SCHEDULES,
-                                             calibration.DEFAULT_ALPHAS, rules, scales[name])
+            priced = candidates(_subset(sample, fit, transform), DEFAULT_SCHEDULES, DEFAULT_ALPHAS, rules,
+                                scales[name])
             held = _prepare(_subset(sample, held_out, transform))
             options[name] += [(held, candidate) for candidate in priced]
         held_out_scale[name] = scales[name] * sum(len(p) for p in sample.pre) / len(options[name][0][0][2])
@@ -212,7 +212,7 @@ def frontier(samples: dict[str, Any], extras: dict[str, list[Any]], scales: dict
                 continue
             flops, harm = _price(held, best.params)
             sample = held[0]
-            saved += (sample.fan_in * sample.cost_per_unit - flops) * sample.neurons
+            saved += (sample.cost.dense - flops) * sample.neurons
             damage += harm * held_out_scale[name]
         points.append((damage, saved / total))
     return points

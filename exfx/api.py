@@ -1,19 +1,30 @@
-"""The user entry points: :func:`compile` and :func:`explain`.
+"""The user entry points: :func:`analyse` once, then :meth:`Analysis.compile` with as many plans as you like.
 
-They only arrange the pieces: capture -> shape propagation -> canonicalize ->
-fold BatchNorm -> exchangeability analysis -> (compile only) ENP rewrite.
+:func:`analyse` runs the stages that do not depend on a plan, once: capture ->
+shape propagation -> canonicalize -> fold BatchNorm -> exchangeability analysis.
+The :class:`Analysis` it returns holds the canonical graph (with one typed
+:class:`~exfx.meta.SiteMatch` per ReLU in ``node.meta``), the exchangeable groups,
+the sites and the fingerprint a plan is checked against. Its
+:meth:`~Analysis.compile` rewrites a copy of that graph for one plan or config,
+without capturing again, so calibration and sweeps pay for the analysis once.
+:func:`compile` and :func:`explain` are the one-shot wrappers.
+
+Shapes are propagated with real tensors once (the check that the model runs on
+``example_inputs``, with the model's own error if not), then with fake tensors
+after each graph-changing pass: those passes need shapes and dtypes, not values.
 
 Example::
 
-    >>> model = torchvision_like_cnn().eval()
-    >>> x = torch.randn(8, 3, 32, 32)
-    >>> print(exfx.explain(model, (x,)))
-    >>> gm = exfx.compile(model, (x,), exfx.Config(rule="ztest", alpha=0.05))
-    >>> y = gm(x)
+    >>> analysis = exfx.analyse(model.eval(), (torch.randn(8, 3, 32, 32),))
+    >>> print(analysis.report)                                  # what exfx.explain prints
+    >>> fast = analysis.compile(exfx.Config(threshold=0.0))
+    >>> safe = analysis.compile(exfx.Config(rule="ztest", alpha=0.01))
+    >>> tuned = analysis.compile(exfx.Plan.load("plan.json"))
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -21,28 +32,156 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from exfx.capture import capture as capture_model
+from exfx.analysis.axes import AxisGroups
 from exfx.capture import TRACE_LOCK, normalise_inputs
+from exfx.capture import capture as capture_model
 from exfx.compiled import CompiledModule
-from exfx.config import Config, Plan
+from exfx.config import Config, Plan, SiteParams
 from exfx.errors import UnsupportedModelError
+from exfx.meta import REPORT_KEY, SiteMatch
 from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass
-from exfx.report import Report, SiteInfo
+from exfx.report import Report, SiteInfo, find_site
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile", "explain"]
+__all__ = ["Analysis", "analyse", "compile", "explain", "PlanLike"]
+
+#: What :meth:`Analysis.compile` takes: a plan, the path of its JSON file, a config, or None for the defaults.
+PlanLike = Plan | Config | str | os.PathLike[str] | None
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+class Analysis:
+    """One model, captured, canonicalized, folded and analysed: compile it with any number of plans.
+
+    Built by :func:`analyse`; do not construct it directly.
+
+    Attributes:
+        graph_module: the canonical, analysed GraphModule. Every ReLU carries its
+            :class:`~exfx.meta.SiteMatch`; compiling never modifies it.
+        sites: the analysis record of every ReLU, in graph order.
+        groups: the exchangeable groups of the graph's axes.
+        example_inputs: the positional example inputs, as a tuple.
+        model_name: the class name of the analysed model.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, sites: Sequence[SiteMatch], groups: AxisGroups,
+                 example_inputs: tuple[Any, ...], model_name: str) -> None:
+        self.graph_module = graph_module
+        self.sites: tuple[SiteMatch, ...] = tuple(sites)
+        self.groups = groups
+        self.example_inputs = example_inputs
+        self.model_name = model_name
+
+    def site(self, name: str) -> SiteMatch:
+        """The record of one site, by name."""
+        return find_site(self.sites, name)
+
+    @property
+    def signatures(self) -> dict[str, str]:
+        """Shape signatures of the structurally eligible sites: what a plan is checked against."""
+        return self.report.signatures
+
+    @property
+    def fingerprint(self) -> str:
+        """The hash of :attr:`signatures` that a plan made for this model carries."""
+        return self.report.fingerprint
+
+    @property
+    def report(self) -> Report:
+        """The report with the default :class:`~exfx.config.Config`: what :func:`explain` returns."""
+        return self.explain()
+
+    def explain(self, config: Config | None = None, plan: PlanLike = None) -> Report:
+        """The report with the parameters ``plan`` (over ``config``) gives each site; see :func:`explain`."""
+        params = self._site_params(*_split_plan(plan, config))
+        return Report(sites=[SiteInfo.from_match(s, params.get(s.name)) for s in self.sites],
+                      groups={name: list(axes) for name, axes in self.groups.groups.items()}, model=self.model_name)
+
+    def compile(self, plan: PlanLike = None, *, config: Config | None = None) -> CompiledModule:
+        """The model rewritten for ``plan``: a plan, a plan file's path, or a config (default ``Config()``).
+
+        A plan overrides ``config`` at the sites it names. Each call rewrites a
+        fresh copy of the analysed graph (sharing its weights, which no rewrite
+        changes), so it can be called many times. Returns a
+        :class:`~exfx.compiled.CompiledModule` whose ``meta["exfx_report"]`` is the
+        :class:`~exfx.report.Report` of what was done.
+
+        Raises:
+            exfx.PlanMismatchError: ``plan`` was made for another model.
+        """
+        report = self.explain(config, plan)
+        gm = _fresh_copy(self.graph_module)
+        EnpPass({s.name: s.params for s in report.eligible if s.params is not None})(gm)
+        gm.meta[REPORT_KEY] = report
+        if not report.eligible:
+            logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
+        return CompiledModule(gm, self.example_inputs)
+
+    def _site_params(self, plan: Plan | None, config: Config) -> dict[str, SiteParams]:
+        """Every structurally eligible site's parameters: the plan's, else the config's."""
+        fan_ins = {s.name: s.fan_in or 0 for s in self.sites if s.eligible}
+        if plan is not None:
+            plan.check_against(self.signatures, fan_ins)
+        chosen = plan.sites if plan is not None else {}
+        return {name: chosen.get(name) or config.site_params for name in fan_ins}
+
+    def __repr__(self) -> str:
+        eligible = sum(s.eligible for s in self.sites)
+        return (f"Analysis({self.model_name}: {len(self.sites)} ReLUs, {eligible} structurally eligible, "
+                f"{len(self.groups.groups)} exchangeable groups)")
+
+
+def _split_plan(plan: PlanLike, config: Config | None) -> tuple[Plan | None, Config]:
+    """``(plan, config)`` from what :meth:`Analysis.compile` takes (a config may come in the plan's place)."""
+    if isinstance(plan, Config):
+        if config is not None:
+            raise TypeError("give the config once: as the first argument or as config=, not both")
+        return None, plan
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
+    return _as_plan(plan), config or Config()
+
+
+def _as_plan(plan: Plan | str | os.PathLike[str] | None) -> Plan | None:
+    """A plan, loaded first when given as the path of its JSON file."""
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise TypeError(f"plan must be an exfx.Plan or the path of a plan JSON file, got {type(plan).__name__} "
+                    f"(Analysis.compile also takes an exfx.Config in its place)")
+
+
+def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (node meta shallow-copied), sharing its modules and weights."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], *, fake: bool) -> None:
+    """Write ``tensor_meta`` on every node: with real tensors, or with fake ones (shapes and dtypes only).
+
+    The fake run falls back to a real one where an op has no fake implementation.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) > len(placeholders) and not any(str(n.target).startswith("*") for n in placeholders):
         raise UnsupportedModelError(
             f"example_inputs has {len(inputs)} inputs but forward() takes {len(placeholders)} "
             f"({', '.join(str(n.target) for n in placeholders)}). "
             f"Check that example_inputs are what forward() expects.")
+    if fake:
+        try:
+            with torch.no_grad():
+                _fake_propagate(gm, inputs)
+            return
+        except Exception as err:  # noqa: BLE001 - any op without a fake kernel: the real run below decides
+            logger.debug("fake shape propagation failed (%s: %s); propagating with real tensors",
+                         type(err).__name__, err)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
@@ -52,25 +191,66 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
             f"Check that example_inputs are what forward() expects.") from err
 
 
-def _analyse(model: torch.nn.Module, example_inputs: Any, config: Config, leaf_modules: Sequence[str] = (),
-             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-             capture: str = "auto") -> tuple[fx.GraphModule, Report]:
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
+def _fake_propagate(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """``tensor_meta`` from a run on fake tensors: no FLOP of the model is spent, and no value is read."""
+    kept = {node: node.meta["val"] for node in gm.graph.nodes if "val" in node.meta}  # e.g. Dynamo's own
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    for node in gm.graph.nodes:
+        value = node.meta.pop("val", None)
+        if node in kept:
+            node.meta["val"] = kept[node]
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = _tensor_metadata(value)
+        elif isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            node.meta["tensor_meta"] = type(value)(_tensor_metadata(v) if isinstance(v, torch.Tensor) else v
+                                                   for v in value)
+        else:
+            node.meta.pop("tensor_meta", None)
+
+
+def _tensor_metadata(value: torch.Tensor) -> TensorMetadata:
+    """What :class:`ShapeProp` records for a tensor (no quantisation parameters: fake tensors carry none)."""
+    memory_format = next((f for f in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+                          if value.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(value.shape, value.dtype, value.requires_grad, value.stride(), memory_format,
+                          value.is_quantized, {})
+
+
+def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequence[str] = (),
+            concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
+            capture: str = "auto") -> Analysis:
+    """Capture, canonicalize, fold and analyse ``model`` once; compile the result with any plan.
+
+    Args:
+        model: an eval-mode ``nn.Module`` or ``torch.fx.GraphModule`` (never modified).
+        example_inputs: a tensor or a tuple of positional inputs.
+        leaf_modules: qualified names of submodules to keep opaque when tracing.
+        concrete_args: passed to ``torch.fx`` tracing to fix Python arguments.
+        hidden_inputs: names of ``forward()`` arguments that carry hidden
+            activations (for example a backbone's features, when compiling only
+            a head); their axes may then be exchangeable. Other inputs are pinned.
+        capture: ``"auto"`` (``torch.fx.symbolic_trace``, falling back to Dynamo
+            when it fails), ``"fx"`` or ``"dynamo"``. A Dynamo-captured module
+            takes the tensor inputs and returns the outputs flattened to tensors.
+
+    Raises:
+        exfx.TrainingModeError: the model is in training mode.
+        exfx.CaptureError: the model cannot be traced (the message says where and how to fix it).
+        exfx.UnsupportedModelError: the model does not run on ``example_inputs``.
+    """
     inputs = normalise_inputs(example_inputs)
     # Held until the model has stopped running: torch.fx tracing in another thread would intercept its calls.
     with TRACE_LOCK:
         gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
-        _propagate_shapes(gm, inputs)
+        _propagate_shapes(gm, inputs, fake=False)  # the one real run: does the model run on these inputs?
         CanonicalizePass()(gm)
-        _propagate_shapes(gm, inputs)
+        _propagate_shapes(gm, inputs, fake=True)
         FoldBatchNormPass()(gm)
-        _propagate_shapes(gm, inputs)
+        _propagate_shapes(gm, inputs, fake=True)
     _check_hidden_inputs(gm, hidden_inputs)
-    analysis = ExchangeabilityPass(samples=config.samples[-1], hidden_inputs=hidden_inputs)  # type: ignore[index]
+    analysis = ExchangeabilityPass(hidden_inputs=hidden_inputs)
     analysis(gm)
-    report = Report(sites=analysis.sites, groups=analysis.groups, model=type(model).__name__)
-    return gm, report
+    return Analysis(gm, analysis.sites, analysis.groups, inputs, type(model).__name__)
 
 
 def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> None:
@@ -81,73 +261,34 @@ def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> No
                                     f"its inputs are {names}")
 
 
-def _as_plan(plan: Plan | str | os.PathLike[str] | None) -> Plan | None:
-    """A plan, loaded first when given as the path of its JSON file."""
-    if plan is None or isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, (str, os.PathLike)):
-        return Plan.load(plan)
-    raise TypeError(f"plan must be an exfx.Plan or the path of a plan JSON file, got {type(plan).__name__}")
-
-
-def _assign_params(report: Report, config: Config, plan: Plan | str | os.PathLike[str] | None) -> None:
-    """Give every structurally eligible site its parameters, from the plan or the config."""
-    plan = _as_plan(plan)
-    fan_ins = {s.name: s.fan_in or 0 for s in report.sites if s.structurally_eligible}
-    if plan is not None:
-        plan.check_against(report.signatures, fan_ins)
-    for site in report.sites:
-        if not site.structurally_eligible:
-            continue
-        params = plan.sites.get(site.name) if plan is not None else None
-        params = params or config.site_params
-        site.params = params
-        site.samples = params.samples  # type: ignore[assignment]
-        site.eligible, site.reason = _eligibility(site, params)
-
-
-def _eligibility(site: SiteInfo, params: Any) -> tuple[bool, str]:
-    if not params.enabled:
-        return False, "disabled by the plan"
-    if (site.fan_in or 0) < params.samples[-1]:
-        return False, f"fan-in {site.fan_in} < samples {params.samples[-1]}"
-    return True, ""
-
-
-def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None, *,
-            plan: Plan | str | os.PathLike[str] | None = None, leaf_modules: Sequence[str] = (),
+def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
+            plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
             capture: str = "auto") -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
 
+    ``exfx.analyse(model, example_inputs, ...).explain(config, plan)``.
+
     Args:
-        model: an eval-mode ``nn.Module`` or ``torch.fx.GraphModule``.
-        example_inputs: a tensor or a tuple of positional inputs.
+        model, example_inputs, leaf_modules, concrete_args, hidden_inputs, capture: as for :func:`analyse`.
         config: global settings (default ``exfx.Config()``).
         plan: per-site parameters overriding ``config``: an :class:`exfx.Plan`, or
             the path of its JSON file.
-        leaf_modules: qualified names of submodules to keep opaque when tracing.
-        concrete_args: passed to ``torch.fx`` tracing to fix Python arguments.
-        hidden_inputs: names of ``forward()`` arguments that carry hidden
-            activations (for example a backbone's features, when compiling only
-            a head); their axes may then be exchangeable. Other inputs are pinned.
-        capture: ``"auto"`` (``torch.fx.symbolic_trace``, falling back to Dynamo
-            when it fails), ``"fx"`` or ``"dynamo"``. A Dynamo-captured module
-            takes the tensor inputs and returns the outputs flattened to tensors.
     """
-    config = config or Config()
-    _, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs, capture)
-    _assign_params(report, config, plan)
-    return report
+    _check_config(config)
+    analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hidden_inputs=hidden_inputs, capture=capture)
+    return analysis.explain(config, plan)
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto") -> fx.GraphModule:
+            capture: str = "auto") -> CompiledModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
-    The user's model is not modified. The result is a
+    ``exfx.analyse(model, example_inputs, ...).compile(plan, config=config)``. The
+    user's model is not modified. The result is a
     :class:`~exfx.compiled.CompiledModule` (a ``torch.fx.GraphModule`` that checks
     its inputs and fails with exfx errors); it runs at any batch size, and its
     ``meta["exfx_report"]`` holds the :class:`~exfx.report.Report` of what was done.
@@ -158,17 +299,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.CaptureError: the model cannot be traced (the message says where and how to fix it).
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
-    config = config or Config()
-    gm, report = _analyse(model, example_inputs, config, leaf_modules, concrete_args, hidden_inputs, capture)
-    return _rewrite(gm, report, example_inputs, config, plan)
+    _check_config(config)
+    analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hidden_inputs=hidden_inputs, capture=capture)
+    return analysis.compile(plan, config=config)
 
 
-def _rewrite(gm: fx.GraphModule, report: Report, example_inputs: Any, config: Config,
-             plan: Plan | None) -> CompiledModule:
-    """Second half of :func:`compile`: parameters per site, the ENP rewrite, the checked module."""
-    _assign_params(report, config, plan)
-    EnpPass(report.sites)(gm)
-    gm.meta["exfx_report"] = report
-    if not report.eligible:
-        logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
-    return CompiledModule(gm, normalise_inputs(example_inputs))
+def _check_config(config: Any) -> None:
+    """Fail before capture (which can take seconds) when the config is of the wrong type."""
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 
 import exfx
-from exfx import graphdiff
+from exfx.ci import graphdiff
 from exfx.capture import capture
 from exfx.errors import ExfxError
-from exfx.graphdiff import UPDATE_ENV
+from exfx.meta import REPORT_KEY
+from exfx.ci.graphdiff import UPDATE_ENV
 from exfx.report import Report
-from exfx.spec import DEFAULT_SPEC, load_spec
+from exfx.ci.spec import DEFAULT_SPEC, load_spec
 
 #: The options that make a Config (every command but demo takes them).
 CONFIG_OPTIONS = ("rule", "threshold", "alpha", "samples")
@@ -156,7 +157,7 @@ def _graph_commands(args: argparse.Namespace, model: torch.nn.Module, inputs: tu
     if args.command == "diff":
         original = graphdiff.graph_text(capture(model, inputs))
         diff = graphdiff.unified_diff(original, text)
-        summary = graphdiff.site_summary(compiled.meta.get("exfx_report"))
+        summary = graphdiff.site_summary(compiled.meta.get(REPORT_KEY))
         if markdown:
             print(f"### exfx: {args.spec}\n")
             print("\n".join(f"- `{line}`" for line in summary) + "\n")
@@ -200,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
             _write_plan(args, report, config, plan)
         return 0
     compiled = exfx.compile(model, inputs, config, plan)
-    _check_options_with_plan(args, compiled.meta["exfx_report"], plan)
+    _check_options_with_plan(args, compiled.meta[REPORT_KEY], plan)
     if args.command == "flops":
         flops = exfx.count_flops(compiled, *inputs)
         print(json.dumps(flops.to_dict(), indent=2) if args.json else flops)

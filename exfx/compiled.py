@@ -29,16 +29,12 @@ import torch
 import torch.fx as fx
 
 from exfx.errors import ExfxError, UnsupportedModelError
+from exfx.meta import INPUT_SIZES_KEY, INPUT_SPECS_KEY
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledModule", "InputSpec", "INPUT_SIZES_META"]
+__all__ = ["CompiledModule", "InputSpec"]
 
-#: ``GraphModule.meta`` key set by Dynamo capture: per input, the size each dimension must have (None: any),
-#: or None for a non-tensor input.
-INPUT_SIZES_META = "exfx_input_sizes"
-
-_SPECS_META = "exfx_inputs"
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class CompiledModule(fx.GraphModule):
         super().__init__(gm, gm.graph, gm.__class__.__name__)
         self.meta.update(gm.meta)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sizes = self.meta.get(INPUT_SIZES_META) or (None,) * len(placeholders)
+        sizes = self.meta.get(INPUT_SIZES_KEY) or (None,) * len(placeholders)
         specs: list[InputSpec] = []
         examples = list(example_inputs)
         for node, required in zip(placeholders, sizes):
@@ -116,12 +112,12 @@ class CompiledModule(fx.GraphModule):
                 break
             specs.append(InputSpec.of(name, examples.pop(0), required))
         # In meta, not an attribute: GraphModule's deepcopy re-runs only GraphModule.__init__, but copies meta.
-        self.meta[_SPECS_META] = tuple(specs)
+        self.meta[INPUT_SPECS_KEY] = tuple(specs)
 
     @property
     def exfx_inputs(self) -> tuple[InputSpec, ...]:
         """One :class:`InputSpec` per example input, in order."""
-        return self.meta.get(_SPECS_META, ())
+        return self.meta.get(INPUT_SPECS_KEY, ())
 
     def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Input name -> value, as ``forward`` would bind them; an exfx error when it would not."""

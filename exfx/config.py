@@ -25,20 +25,28 @@ import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from exfx.errors import PlanError, PlanMismatchError
-from exfx.ops.enp_ops import RULES
-
-if TYPE_CHECKING:  # pragma: no cover
-    from exfx.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Config", "SiteParams", "Plan", "CONFIG_VERSION", "PLAN_VERSION"]
+__all__ = ["Config", "SiteParams", "Plan", "CONFIG_VERSION", "PLAN_VERSION", "RULES"]
 
 CONFIG_VERSION = 1
 PLAN_VERSION = 1
+#: The early-exit rules (see :class:`Config`).
+RULES = ("threshold", "ztest")
+
+
+class _SiteTable(Protocol):
+    """What :meth:`Plan.from_report` reads of a report: its rows and their signatures."""
+
+    @property
+    def sites(self) -> Any: ...
+
+    @property
+    def signatures(self) -> dict[str, str]: ...
 
 
 def _normalise_samples(samples: Any, field_name: str = "samples") -> tuple[int, ...]:
@@ -86,7 +94,23 @@ def _check_rule_params(rule: Any, threshold: Any, alpha: Any, samples: tuple[int
 
 
 @dataclass(frozen=True)
-class Config:
+class _RuleFields:
+    """The early-exit fields :class:`Config` and :class:`SiteParams` share, normalised and checked alike."""
+
+    rule: str = "threshold"
+    threshold: float = 0.0
+    alpha: float = 0.05
+    samples: int | tuple[int, ...] = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        object.__setattr__(self, "threshold", _as_float(self.threshold))
+        object.__setattr__(self, "alpha", _as_float(self.alpha))
+        _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+
+
+@dataclass(frozen=True)
+class Config(_RuleFields):
     """Global knobs of the ENP rewrite.
 
     Args:
@@ -104,17 +128,10 @@ class Config:
     samples); calibrate per-site parameters for an accuracy budget.
     """
 
-    rule: str = "threshold"
-    threshold: float = 0.0
-    alpha: float = 0.05
-    samples: int | tuple[int, ...] = 32
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _normalise_samples(self.samples))
-        object.__setattr__(self, "threshold", _as_float(self.threshold))
-        object.__setattr__(self, "alpha", _as_float(self.alpha))
-        _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+        super().__post_init__()
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION}, got {self.version!r}")
 
@@ -137,23 +154,16 @@ class Config:
 
 
 @dataclass(frozen=True)
-class SiteParams:
+class SiteParams(_RuleFields):
     """Early-exit parameters of one site (see :class:`Config` for the meaning).
 
     ``enabled=False`` leaves the site dense.
     """
 
-    rule: str = "threshold"
-    threshold: float = 0.0
-    alpha: float = 0.05
-    samples: int | tuple[int, ...] = 32
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", _normalise_samples(self.samples))
-        object.__setattr__(self, "threshold", _as_float(self.threshold))
-        object.__setattr__(self, "alpha", _as_float(self.alpha))
-        _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+        super().__post_init__()
         if not isinstance(self.enabled, bool):
             raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
 
@@ -219,7 +229,7 @@ class Plan:
         return fingerprint(self.signatures) if self.signatures else None
 
     @classmethod
-    def from_report(cls, report: Report, config: Config | None = None) -> Plan:
+    def from_report(cls, report: _SiteTable, config: Config | None = None) -> Plan:
         """A plan that gives every eligible site of ``report`` the settings of ``config``.
 
         Every other *structurally* eligible site (a fan-in below the sample

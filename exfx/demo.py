@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from exfx import graphdiff, pareto
-from exfx.api import compile as exfx_compile
-from exfx.api import explain
-from exfx.calibrate import DEFAULT_SCHEDULES, calibrate, evaluate, oracle
+from exfx.ci import graphdiff
+from exfx.tune import pareto
+from exfx.api import analyse
+from exfx.tune.calibration import DEFAULT_SCHEDULES, calibrate
+from exfx.tune.evaluation import evaluate, oracle
 from exfx.capture import capture
 from exfx.examples import SmallCNN
+from exfx.meta import REPORT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +85,13 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
     calibration, held_out = _batches(x[:500], y[:500]), _batches(x[500:], y[500:])
     images = len(y) - 500
 
-    lines = [str(explain(model, example))]
-    plan = calibrate(model, example, calibration, _accuracy, budget, confidence=CONFIDENCE, progress=False)
-    compiled = exfx_compile(model, example, plan=plan)
+    analysis = analyse(model, example)  # once: the report, calibration, the plan, the oracle and the sweep
+    lines = [str(analysis.report)]
+    plan = calibrate(analysis, example, calibration, _accuracy, budget, confidence=CONFIDENCE, progress=False)
+    compiled = analysis.compile(plan)
     dense = evaluate(model, held_out, _accuracy, progress=False)
     calibrated = evaluate(compiled, held_out, _accuracy, progress=False)
-    bound = oracle(model, example, held_out, _accuracy, samples=ORACLE_SAMPLES, progress=False)
+    bound = oracle(analysis, example, held_out, _accuracy, samples=ORACLE_SAMPLES, progress=False)
     lines.append(f"\ncalibrated on images 0-499 for at most {100 * budget:g} point(s) of accuracy "
                  f"(at {100 * CONFIDENCE:g}% bootstrap confidence): "
           f"{plan.meta['calibration']['evals']} evaluations, {plan.meta['calibration']['seconds']:.1f} s")
@@ -103,13 +106,13 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
           f"{calibrated.executed / images / 1e6:.2f} M/image ({100 * calibrated.reduction:.1f}% saved; "
           f"oracle bound {100 * bound.reduction:.1f}%: every non-positive neuron stops after {ORACLE_SAMPLES} units)")
 
-    curves = pareto.sweep(model, example, held_out, _accuracy)
+    curves = pareto.sweep(analysis, example, held_out, _accuracy)
     pareto.plot(out / "pareto.png", "exfx demo: SmallCNN on Fashion-MNIST", curves,
                 {"dense": dense, "calibrated plan": calibrated, "oracle bound": bound}, images,
                 "accuracy on images 500-999")
     plan.save(out / "plan.json")
     diff = graphdiff.unified_diff(graphdiff.graph_text(capture(model, example)), graphdiff.graph_text(compiled))
-    (out / "graph_diff.txt").write_text("\n".join(graphdiff.site_summary(compiled.meta["exfx_report"])) + "\n" + diff)
+    (out / "graph_diff.txt").write_text("\n".join(graphdiff.site_summary(compiled.meta[REPORT_KEY])) + "\n" + diff)
     summary = {"budget": budget, "dense_accuracy": dense.score, "exfx_accuracy": calibrated.score,
                "dense_flops_per_image": dense.executed / images, "exfx_flops_per_image": calibrated.executed / images,
                "reduction": calibrated.reduction, "oracle_reduction": bound.reduction,

@@ -8,6 +8,8 @@ factories follow the same convention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,24 +65,25 @@ class _ResidualNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def _seeded(model: nn.Module, *shape: int) -> tuple[nn.Module, tuple[torch.Tensor]]:
+def _seeded(make: Callable[[], nn.Module], *shape: int) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """``make()`` initialised from seed 0, without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make()
     generator = torch.Generator().manual_seed(0)
     return model.eval(), (torch.randn(*shape, generator=generator),)
 
 
 def small_cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """:class:`SmallCNN` with a batch of 8 random 1x28x28 images."""
-    torch.manual_seed(0)
-    return _seeded(SmallCNN(), 8, 1, 28, 28)
+    return _seeded(SmallCNN, 8, 1, 28, 28)
 
 
 def mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A 784-256-256-10 MLP with a batch of 8 random inputs."""
-    torch.manual_seed(0)
-    return _seeded(_MLP(), 8, 784)
+    return _seeded(_MLP, 8, 784)
 
 
 def resnet_block_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A stem and one residual basic block (64 channels), batch of 4 random 3x32x32 images."""
-    torch.manual_seed(0)
-    return _seeded(_ResidualNet(), 4, 3, 32, 32)
+    return _seeded(_ResidualNet, 4, 3, 32, 32)

@@ -12,19 +12,24 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from exfx.config import SiteParams, fingerprint
+from exfx.meta import SiteMatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteInfo", "Report"]
+__all__ = ["SiteInfo", "Report", "find_site"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteInfo:
-    """One ReLU and what exfx decided about it.
+    """One ReLU and what exfx decided about it: a row of the report.
+
+    A view built from the analysis record (:class:`~exfx.meta.SiteMatch`) and the
+    parameters a config or plan gives the site.
 
     Attributes:
         name: dotted name of the module or parameter producing the summed
@@ -37,7 +42,11 @@ class SiteInfo:
             per group, or channels of a flattened conv output).
         samples: the early-exit checkpoints, in units.
         kind: ``linear``, ``conv1d``, ``conv2d`` or ``-``.
-        params: the site's parameters when eligible.
+        signature: the shape signature a plan is checked against.
+        params: the site's parameters when structurally eligible.
+        relu_node: the name of the ReLU node in the analysed graph.
+        structurally_eligible: eligible whatever the parameters (fan-in and
+            disabling aside).
     """
 
     name: str
@@ -51,18 +60,43 @@ class SiteInfo:
     params: SiteParams | None = None
     relu_node: str = ""
     structurally_eligible: bool = False
-    # Rewrite details (not part of the public report).
-    n_units: int = 0
-    producer_node: str = ""
-    input_node: str = ""
-    left_node: str = ""
-    shift_nodes: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_match(cls, match: SiteMatch, params: SiteParams | None = None) -> SiteInfo:
+        """The row for one analysed ReLU, given the parameters the plan or config gives it."""
+        row = cls(name=match.name, eligible=False, reason=match.reason, group=match.group, fan_in=match.fan_in,
+                  kind=match.kind, signature=match.signature, relu_node=match.relu,
+                  structurally_eligible=match.eligible)
+        if not match.eligible or params is None:
+            return row
+        eligible, reason = _eligibility(match, params)
+        return replace(row, params=params, samples=params.samples, eligible=eligible, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "eligible": self.eligible, "reason": self.reason, "group": self.group,
                 "fan_in": self.fan_in, "samples": list(self.samples), "kind": self.kind,
                 "signature": self.signature, "relu": self.relu_node,
                 "params": self.params.to_dict() if self.params else None}
+
+
+def _eligibility(match: SiteMatch, params: SiteParams) -> tuple[bool, str]:
+    if not params.enabled:
+        return False, "disabled by the plan"
+    if (match.fan_in or 0) < params.samples[-1]:
+        return False, f"fan-in {match.fan_in} < samples {params.samples[-1]}"
+    return True, ""
+
+
+_Named = TypeVar("_Named", SiteInfo, SiteMatch)
+
+
+def find_site(sites: Iterable[_Named], name: str) -> _Named:
+    """The site called ``name``; a KeyError that lists the site names if there is none."""
+    sites = list(sites)
+    for site in sites:
+        if site.name == name:
+            return site
+    raise KeyError(f"no site named {name!r}; sites are {[s.name for s in sites]}")
 
 
 def _describe(params: SiteParams | None) -> str:
@@ -73,9 +107,9 @@ def _describe(params: SiteParams | None) -> str:
     return f"ztest alpha={params.alpha:g}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
-    """What exfx found (and, after ``compile``, did) at every ReLU of a model."""
+    """What exfx found (and, after ``compile``, did) at every ReLU of a model: a view of the analysis."""
 
     sites: list[SiteInfo]
     groups: dict[str, list[str]] = field(default_factory=dict)
@@ -86,10 +120,7 @@ class Report:
         return [s for s in self.sites if s.eligible]
 
     def site(self, name: str) -> SiteInfo:
-        for site in self.sites:
-            if site.name == name:
-                return site
-        raise KeyError(f"no site named {name!r}; sites are {[s.name for s in self.sites]}")
+        return find_site(self.sites, name)
 
     @property
     def signatures(self) -> dict[str, str]:

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch.fx as fx
 
-from exfx import graphdiff
+from exfx.ci import graphdiff
 from exfx.api import compile as exfx_compile
-from exfx.graphdiff import UPDATE_ENV
+from exfx.ci.graphdiff import UPDATE_ENV
 from exfx.config import Config, Plan
-from exfx.spec import load_spec
+from exfx.ci.spec import load_spec
 
 __all__ = ["assert_graph_matches"]
 

@@ -18,6 +18,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from exfx.cost.model import op_arguments
+from exfx.meta import site_of
+
 RTOL = 1e-5
 ATOL = 1e-5
 
@@ -60,13 +63,12 @@ class SiteRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if n.op == "call_function" and n.target is torch.ops.exfx.complete.default:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            x, weight, _state, bias, residual, active = args[:6]
-            stride, padding, dilation, groups, site = args[8:13]
-            dense = dense_preactivation(x, weight, bias, residual, stride, padding, dilation, groups)
-            self.records[site] = SiteRecord(pre=result, dense=dense, active=active)
+            a = op_arguments(n.target, *self.fetch_args_kwargs_from_env(n))
+            dense = dense_preactivation(a["x"], a["weight"], a["bias"], a["residual"], a["stride"], a["padding"],
+                                        a["dilation"], a["groups"])
+            self.records[a["site"]] = SiteRecord(pre=result, dense=dense, active=a["active"])
         elif n.op == "call_function" and n.target is torch.relu:
-            site = n.meta.get("exfx", {}).get("site")
+            site = site_of(n)
             if site in self.records and self.records[site].post is None and n.args[0].target is (
                     torch.ops.exfx.complete.default):
                 self.records[site].post = result
@@ -106,5 +108,5 @@ def enp_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 def site_relus(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """ReLU nodes labelled with a site name by the exchangeability pass."""
-    return {n.meta["exfx"]["site"]: n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target is torch.relu and "site" in n.meta.get("exfx", {})}
+    return {site_of(n): n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.relu and site_of(n) is not None}

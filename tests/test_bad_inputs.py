@@ -55,10 +55,12 @@ def test_other_float_dtypes(dtype, tol):
 def test_non_contiguous_and_channels_last_inputs(vgg):
     _, x, gm = vgg
     reference = gm(x)
-    assert torch.equal(gm(x.to(memory_format=torch.channels_last)), reference)
+    # The same values; oneDNN may pick another conv algorithm for another memory format (a last-bit difference,
+    # which a channels-last early-exit decision can then turn into a different mask only at a tie).
+    torch.testing.assert_close(gm(x.to(memory_format=torch.channels_last)), reference, rtol=1e-5, atol=1e-6)
     wide = torch.zeros(2, 3, 16, 32)
     wide[..., ::2] = x
-    assert torch.equal(gm(wide[..., ::2]), reference)
+    torch.testing.assert_close(gm(wide[..., ::2]), reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -10,8 +10,10 @@ import torch
 import torch.nn as nn
 
 import exfx
-from exfx.calibrate import (DEFAULT_SCHEDULES, _allocation_path, _candidates, _eligible_sites, _instrument,
-                            _record_gains, evaluate, oracle)
+from exfx.tune.calibration import DEFAULT_SCHEDULES
+from exfx.tune.evaluation import evaluate, oracle, tunable_sites
+from exfx.tune.instrument import instrument, record_gains
+from exfx.tune.pricing import allocation_path, candidates
 
 from models import VGGish
 
@@ -66,13 +68,13 @@ def test_budget_holds_on_the_calibration_data(task, budget):
 def test_allocation_path_runs_from_conservative_to_aggressive(task):
     """Along the path, every step is a distinct allocation whose predicted savings and damage do not go down."""
     model, example, data = task
-    sites, signatures = _eligible_sites(model, example, DEFAULT_SCHEDULES)
-    checkpoints = {s.name: (8, 16, 32, 64) for s in sites}
-    samples = _instrument(model, example, data, sites, signatures, checkpoints, 20_000, 0, False)
-    candidates = {name: _candidates(sample, DEFAULT_SCHEDULES, (0.01, 0.1, 0.3)) for name, sample in samples.items()}
-    path = _allocation_path(candidates, 1e9)
+    analysis = exfx.analyse(model, example)
+    checkpoints = {s.name: (8, 16, 32, 64) for s in tunable_sites(analysis, DEFAULT_SCHEDULES)}
+    samples = instrument(analysis, data, checkpoints, 20_000, 0, False)
+    options = {name: candidates(sample, DEFAULT_SCHEDULES, (0.01, 0.1, 0.3)) for name, sample in samples.items()}
+    path = allocation_path(options, 1e9)
     assert len(path) > 3
-    priced = {name: {c.params: c for c in options} for name, options in candidates.items()}
+    priced = {name: {c.params: c for c in opts} for name, opts in options.items()}
     totals = [(sum(priced[n][p].saved for n, p in alloc.items()), sum(priced[n][p].damage for n, p in alloc.items()))
               for _, alloc in path]
     lams = [lam for lam, _ in path]
@@ -89,9 +91,9 @@ def test_gains_are_the_gradient_of_the_projected_outputs():
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 5)).eval()
     data = [(torch.randn(10, 8), torch.zeros(10, dtype=torch.long)) for _ in range(2)]
     example = (data[0][0][:2],)
-    sites, signatures = _eligible_sites(model, example, ((16,),))
-    samples = _instrument(model, example, data, sites, signatures, {"2": (16,)}, 10_000, 0, False)
-    _record_gains(model, example, data, samples, seed=0, progress=False)
+    analysis = exfx.analyse(model, example)
+    samples = instrument(analysis, data, {"2": (16,)}, 10_000, 0, False)
+    record_gains(analysis, data, samples, seed=0, progress=False)
     generator = torch.Generator().manual_seed(1)  # the projection's generator: seed + 1
     for index, _ in enumerate(data):
         expected = torch.randn(10, 5, generator=generator) @ model[4].weight.detach()
@@ -149,7 +151,9 @@ def test_calibrate_budgets_takes_a_generator_or_an_array(task, make):
 def test_alphas_may_be_an_array(task):
     model, example, data = task
     plan = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=2, alphas=np.array([0.01, 0.05]))
-    assert plan.meta["calibration"]["evals"] >= 2
+    same = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=2, alphas=(0.01, 0.05))
+    assert plan.sites == same.sites and 2 <= plan.meta["calibration"]["evals"] <= 3  # the baseline + max_evals
+    assert all(p.alpha in (0.01, 0.05) for p in plan.sites.values() if p.enabled and p.rule == "ztest")
 
 
 def test_tracing_options_reach_every_compile(task, caplog):
@@ -379,9 +383,10 @@ def test_instrumentation_leaves_the_sites_it_does_not_search_dense():
                         nn.Linear(96, 10)).eval()
     x = torch.randn(200, 32)
     data = [(x[i:i + 100], None) for i in range(0, 200, 100)]
-    sites, signatures = _eligible_sites(net, (x[:2],), ((64,),))
-    assert [s.name for s in sites] == ["4"] and set(signatures) == {"2", "4"}  # "2" (fan-in 48) is not searched
-    samples = _instrument(net, (x[:2],), data, sites, signatures, {"4": (64,)}, 500, 0, False)
+    analysis = exfx.analyse(net, (x[:2],))
+    sites = tunable_sites(analysis, ((64,),))
+    assert [s.name for s in sites] == ["4"] and set(analysis.signatures) == {"2", "4"}  # "2" (fan-in 48): not searched
+    samples = instrument(analysis, data, {"4": (64,)}, 500, 0, False)
     recorded = torch.cat(samples["4"].pre)
     with torch.no_grad():
         dense = net[:5](x).reshape(-1).double()
@@ -392,8 +397,8 @@ def test_the_recorded_sample_holds_no_more_memory_than_its_own_values(task):
     """Each batch's neuron indices were a slice of a permutation of all the site's neurons, which kept the whole
     permutation alive: about 20 GB over 10,000 images of ResNet-18."""
     model, example, data = task
-    sites, signatures = _eligible_sites(model, example, ((8,),))
-    samples = _instrument(model, example, data, sites, signatures, {s.name: (8,) for s in sites}, 600, 0, False)
+    analysis = exfx.analyse(model, example)
+    samples = instrument(analysis, data, {s.name: (8,) for s in tunable_sites(analysis, ((8,),))}, 600, 0, False)
     recorded = [t for sample in samples.values()
                 for t in [*sample.picks, *sample.pre, *(v for rules in sample.checkpoints.values()
                                                         for values in rules.values() for v in values)]]

@@ -37,7 +37,7 @@ def test_flop_counts_are_per_call_under_threads():
 
 
 def test_compiling_from_8_threads_gives_identical_graphs():
-    from exfx.graphdiff import graph_text
+    from exfx.ci.graphdiff import graph_text
 
     model, x = VGGish(width=16).eval(), torch.randn(2, 3, 16, 16)
     with ThreadPoolExecutor(THREADS) as pool:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import exfx
+from exfx.meta import site_of
 from exfx.config import CONFIG_VERSION, PLAN_VERSION, SiteParams
 from helpers import assert_enp_invariant, enp_nodes, record_sites
 from models import MLP, ResNetish
@@ -272,8 +273,8 @@ def test_per_site_plan_parameters_are_applied(mlp) -> None:
     assert set(records) == {"net.2", "net.3"}  # net.1 was left dense
     assert records["net.2"].pruned == 0
     assert records["net.3"].pruned > 0
-    assert not [n for n in enp_nodes(gm) if n.meta["exfx"]["site"] == "net.1"]
-    early_exits = {n.meta["exfx"]["site"]: n.args for n in enp_nodes(gm)
+    assert not [n for n in enp_nodes(gm) if site_of(n) == "net.1"]
+    early_exits = {site_of(n): n.args for n in enp_nodes(gm)
                    if n.target is torch.ops.exfx.early_exit.default}
     assert early_exits["net.3"][7:9] == ("ztest", 0.5)
     assert early_exits["net.2"][7:9] == ("threshold", -INF)
@@ -286,7 +287,7 @@ def test_per_site_plan_parameters_are_applied(mlp) -> None:
         def run_node(self, n):
             value = super().run_node(n)
             if n.op == "call_function" and n.target is torch.relu:
-                interpreter_values[n.meta["exfx"]["site"]] = value
+                interpreter_values[site_of(n)] = value
             return value
 
     with torch.no_grad():

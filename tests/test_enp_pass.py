@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import exfx
+from exfx.meta import rewrite_role, site_of
 from helpers import assert_enp_invariant, enp_nodes, record_sites, site_relus
 from models import GCN, MLP, FunctionalMLP, OPTBlockLM, ResNetish, VGGish
 
@@ -174,7 +175,7 @@ def test_schedule_of_checkpoints(rule: str, param: float) -> None:
     report = gm.meta["exfx_report"]
     assert [s.samples for s in report.eligible] == [(8, 16, 32)] * 3
     for site in report.eligible:
-        roles = [n.meta["exfx"]["role"] for n in enp_nodes(gm) if n.meta["exfx"]["site"] == site.name]
+        roles = [rewrite_role(n).role for n in enp_nodes(gm) if site_of(n) == site.name]
         assert roles == ["partial_sum_1", "early_exit_1", "partial_sum_2", "early_exit_2", "partial_sum_3",
                          "early_exit_3", "complete"]
     records = assert_enp_invariant(gm, x)
@@ -223,7 +224,7 @@ def test_rewrite_names_are_derived_from_the_site_and_stable() -> None:
     names = [n.name for n in enp_nodes(first)]
     assert "layer1_0_conv2_partial_sum_1" in names and "layer2_0_conv2_complete" in names
     for node in enp_nodes(first):
-        assert node.name.startswith(node.meta["exfx"]["site"].replace(".", "_"))
+        assert node.name.startswith(site_of(node).replace(".", "_"))
     relus = site_relus(first)
     for site in first.meta["exfx_report"].eligible:
         assert relus[site.name].args[0].target is torch.ops.exfx.complete.default

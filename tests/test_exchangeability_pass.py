@@ -13,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import exfx
 from exfx.capture import capture
+from exfx.meta import axis_groups, site_match
 from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
 from exfx.passes.canonicalize_pass import is_relu
 from models import GCN, MLP, BasicBlock, FunctionalMLP, OPTBlockLM, ResNetish, VGGish, randomise_bn
@@ -26,7 +27,7 @@ def analyse(model: nn.Module, *inputs: torch.Tensor, samples: int = 8) -> tuple[
         ShapeProp(gm).propagate(*inputs)
         step(gm)
     ShapeProp(gm).propagate(*inputs)
-    analysis = ExchangeabilityPass(samples=samples)
+    analysis = ExchangeabilityPass()
     result = analysis(gm)
     assert result.modified is False
     return gm, analysis
@@ -157,9 +158,10 @@ def test_resnet_sites_include_residual_relu_and_exclude_shortcuts() -> None:
     assert not any("shortcut" in s.name for s in report.sites)
     assert [s.eligible for s in report.sites] == [False] + [True] * 6
     # The second conv of each block feeds a ReLU after the residual add: the shortcut becomes a shift.
+    analysis = exfx.analyse(model, (torch.randn(2, 3, 16, 16),))
     for name in ("layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv2"):
-        assert len(report.site(name).shift_nodes) == 1
-    assert report.site("layer1.0.conv1").shift_nodes == ()
+        assert len(analysis.site(name).shifts) == 1
+    assert analysis.site("layer1.0.conv1").shifts == ()
 
 
 class FlippedBlock(BasicBlock):
@@ -196,20 +198,20 @@ def test_vgg_sites_and_flattened_classifier() -> None:
     report = exfx.explain(VGGish().eval(), (torch.randn(2, 3, 16, 16),), CFG8)
     assert [(s.name, s.eligible) for s in report.sites] == [
         ("features.0", False), ("features.3", True), ("features.7", True), ("classifier.1", True)]
-    classifier = report.site("classifier.1")
+    classifier = exfx.analyse(VGGish().eval(), (torch.randn(2, 3, 16, 16),)).site("classifier.1")
     assert classifier.fan_in == 64 and classifier.n_units == 64  # 64 channels of 4x4 flattened
     assert "blocks of 16" in classifier.signature
 
 
 def test_gcn_left_matmul_sites() -> None:
-    report = exfx.explain(GCN().eval(), gcn_inputs(), CFG8)
-    assert [(s.name, s.eligible) for s in report.sites] == [
+    analysis = exfx.analyse(GCN().eval(), gcn_inputs())
+    assert [(s.name, s.eligible) for s in analysis.report.sites] == [
         ("weights.0", False), ("weights.1", True), ("weights.2", True)]
     for name in ("weights.1", "weights.2"):
-        site = report.site(name)
-        assert site.left_node and site.kind == "linear" and site.fan_in == 64
+        site = analysis.site(name)
+        assert site.left and site.kind == "linear" and site.fan_in == 64
         assert "left-matmul" in site.signature
-        assert len(site.shift_nodes) == 1  # the bias added after adj @ (h W)
+        assert len(site.shifts) == 1  # the bias added after adj @ (h W)
 
 
 def test_opt_fc1_sites() -> None:
@@ -262,25 +264,25 @@ def test_groups_are_labelled_in_node_meta() -> None:
     gm, analysis = analyse(ResNetish().eval(), torch.randn(2, 3, 16, 16))
     for node in gm.graph.nodes:
         if "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
-            groups = node.meta["exfx"]["groups"]
+            groups = axis_groups(node)
             assert len(groups) == len(node.meta["tensor_meta"].shape)
-            assert all(g is None or g in analysis.groups for g in groups)
+            assert all(g is None or g in analysis.groups.groups for g in groups)
     nodes = {n.name: n for n in gm.graph.nodes}
     relus = [n for n in gm.graph.nodes if is_relu(n)]
-    assert [n.meta["exfx"]["site"] for n in relus] == [s.name for s in analysis.sites]
+    assert [site_match(n) for n in relus] == analysis.sites
     for site in analysis.sites:
         if not site.eligible:
             continue
-        x = nodes[site.input_node]
-        assert x.meta["exfx"]["groups"][1] == site.group  # channel axis of the conv input
-        assert f"{x.name}[1]" in analysis.groups[site.group]
+        x = nodes[site.input]
+        assert axis_groups(x)[1] == site.group  # channel axis of the conv input
+        assert f"{x.name}[1]" in analysis.groups.groups[site.group]
         # Batch and spatial axes are never exchangeable.
-        assert x.meta["exfx"]["groups"][0] is None and x.meta["exfx"]["groups"][2:] == [None, None]
+        assert axis_groups(x)[0] is None and axis_groups(x)[2:] == (None, None)
     # Every axis listed in a group carries that group's label.
-    for group, axes in analysis.groups.items():
+    for group, axes in analysis.groups.groups.items():
         for axis in axes:
             name, index = axis[:-1].split("[")
-            assert nodes[name].meta["exfx"]["groups"][int(index)] == group
+            assert axis_groups(nodes[name])[int(index)] == group
 
 
 def test_residual_stream_is_one_group() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 import exfx
 from benchmarks import exprune_table
 from benchmarks.exprune_table import Benchmark
-from exfx.calibrate import evaluate
+from exfx.tune.evaluation import evaluate
 
 
 def _split(generator: torch.Generator, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,8 +11,8 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 import exfx
-from exfx.flops import FLOP_CONVENTION
-from exfx.ops import MOMENT_FLOPS_PER_TERM, THRESHOLD_TEST_FLOPS, ZTEST_TEST_FLOPS
+from exfx.cost.flops import FLOP_CONVENTION
+from exfx.cost.model import MOMENT_FLOPS_PER_TERM, THRESHOLD_TEST_FLOPS, ZTEST_TEST_FLOPS
 from models import GCN, MLP, OPTBlockLM, ResNetish, VGGish
 
 OPS = torch.ops.exfx

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 import exfx
-from exfx import graphdiff
+from exfx.ci import graphdiff
 from exfx.testing import assert_graph_matches
 
 from specs import mlp, mlp_widened
@@ -33,7 +33,7 @@ def test_text_is_deterministic_within_a_process():
 
 
 def test_text_is_deterministic_across_processes():
-    code = "import exfx, specs; from exfx.graphdiff import graph_text; m, i = specs.mlp(); " \
+    code = "import exfx, specs; from exfx.ci.graphdiff import graph_text; m, i = specs.mlp(); " \
            "print(graph_text(exfx.compile(m, i)), end='')"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     outputs = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

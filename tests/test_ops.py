@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import exfx  # noqa: F401  (registers the ops)
-from exfx.ops import enp_ops
+from exfx.ops import enp as enp_ops
 from helpers import dense_preactivation
 
 OPS = torch.ops.exfx

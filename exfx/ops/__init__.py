@@ -1,31 +1,38 @@
 """The ``exfx::`` custom operators (declared with ``torch.library``).
 
 Importing this package registers them; ``torch.ops.exfx.partial_sum`` and friends
-are then available, with reference, fake and FLOP implementations.
+are then available, with reference and fake implementations. Their FLOP formulas
+are registered by :mod:`exfx.cost.flops`, from the cost model in :mod:`exfx.cost.model`.
 """
 
-from exfx.ops.enp_ops import (
-    MOMENT_FLOPS_PER_TERM,
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from exfx.ops.enp import (
     RULES,
-    THRESHOLD_TEST_FLOPS,
-    ZTEST_TEST_FLOPS,
     complete,
+    cutoff,
     early_exit,
+    exit_statistic,
     fan_in_of,
     partial_sum,
     terms_per_unit,
     z_critical,
 )
 
-__all__ = [
-    "MOMENT_FLOPS_PER_TERM",
-    "RULES",
-    "THRESHOLD_TEST_FLOPS",
-    "ZTEST_TEST_FLOPS",
-    "complete",
-    "early_exit",
-    "fan_in_of",
-    "partial_sum",
-    "terms_per_unit",
-    "z_critical",
-]
+__all__ = ["RULES", "complete", "cutoff", "early_exit", "exit_statistic", "fan_in_of", "partial_sum",
+           "terms_per_unit", "z_critical"]
+
+#: Names that moved to the cost model: still served here, with a DeprecationWarning naming the new home.
+_MOVED = {"MOMENT_FLOPS_PER_TERM": "exfx.cost.model", "THRESHOLD_TEST_FLOPS": "exfx.cost.model",
+          "ZTEST_TEST_FLOPS": "exfx.cost.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"exfx.ops.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'exfx.ops' has no attribute {name!r}")

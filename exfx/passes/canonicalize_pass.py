@@ -21,7 +21,7 @@ What it rewrites:
   the GraphModule, so the user's module is untouched). Without this, a mutation
   whose result is not used would be dropped as dead code.
 
-Every canonical producer gets ``node.meta["exfx_name"]``: the dotted name of the
+Every canonical producer gets a name (:func:`exfx.meta.producer_name`): the dotted name of the
 module or parameter it came from (``layer1.0.conv1``, ``w1``). Site names come
 from there, so they are stable whatever later passes do to the weights.
 
@@ -49,13 +49,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from exfx.analysis.opsets import CANONICAL_CONVS, is_producer, is_relu
 from exfx.errors import UnsupportedModelError
+from exfx.meta import set_producer_name, set_relu_source
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CanonicalizePass", "CANONICAL_CONVS", "is_producer", "is_relu"]
 
-CANONICAL_CONVS = {1: F.conv1d, 2: F.conv2d}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2}
 _CONV_MODULES = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2}
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -65,7 +66,6 @@ _INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
 _IDENTITY_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Identity)
-_CONV_KWARGS = {"stride", "padding", "dilation", "groups"}
 
 # In-place ops and their out-of-place twins.
 _INPLACE_OPERATORS = {
@@ -87,27 +87,6 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.transpo
                    torch.unbind, torch.detach, torch.movedim, torch.moveaxis, torch.swapaxes, torch.diagonal,
                    torch.as_strided, torch.tensor_split, torch.unflatten}
 _VIEW_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity)
-
-
-def is_relu(node: fx.Node) -> bool:
-    """True for the canonical ReLU form."""
-    return node.op == "call_function" and node.target is torch.relu
-
-
-def is_producer(node: fx.Node) -> bool:
-    """True for a canonical linear or conv node.
-
-    A conv is canonical only in the form this pass writes: three positional
-    arguments and explicit ``stride``/``padding``/``dilation``/``groups``; a conv
-    it could not rewrite (asymmetric ``"same"`` padding, dynamic arguments) is not
-    a producer.
-    """
-    if node.op != "call_function":
-        return False
-    if node.target is F.linear:
-        return True
-    return (node.target in _CONV_FUNCTIONS and len(node.args) == 3 and set(node.kwargs) == _CONV_KWARGS
-            and isinstance(node.kwargs["padding"], (list, tuple)))
 
 
 def _as_list(value: Any, dims: int) -> list[int]:
@@ -168,7 +147,7 @@ class CanonicalizePass(PassBase):
             return False
         if node.op == "call_function":
             if node.target is torch.relu and len(node.args) == 1 and not node.kwargs:
-                node.meta.setdefault("exfx_relu_source", node.name)
+                set_relu_source(node, node.name, overwrite=False)
                 return False
             if node.target in _RELU_FUNCTIONS:
                 inplace = node.target in _INPLACE_RELU_FUNCTIONS or bool(
@@ -248,7 +227,7 @@ class CanonicalizePass(PassBase):
         with gm.graph.inserting_before(node):
             relu = gm.graph.call_function(torch.relu, (source,))
         relu.meta.update(node.meta)
-        relu.meta["exfx_relu_source"] = source_name or node.name
+        set_relu_source(relu, source_name or node.name)
         if inplace and isinstance(source, fx.Node):
             _check_no_live_alias(node, source)
         node.replace_all_uses_with(relu)
@@ -296,7 +275,7 @@ class CanonicalizePass(PassBase):
         canonical = node.kwargs == {} and len(node.args) == 3
         if not canonical:
             node.args, node.kwargs = tuple(values), {}
-        node.meta.setdefault("exfx_name", _param_name(values[1]) or node.name)
+        set_producer_name(node, _param_name(values[1]) or node.name, overwrite=False)
         return not canonical
 
     def _matmul(self, gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -351,7 +330,7 @@ class CanonicalizePass(PassBase):
             return False
         node.args = (values["input"], weight, values["bias"])
         node.kwargs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": int(values["groups"])}
-        node.meta.setdefault("exfx_name", _param_name(weight) or node.name)
+        set_producer_name(node, _param_name(weight) or node.name, overwrite=False)
         return True
 
     @staticmethod
@@ -368,7 +347,7 @@ class CanonicalizePass(PassBase):
     @staticmethod
     def _finish(old: fx.Node, new: fx.Node, name: str) -> None:
         new.meta.update(old.meta)
-        new.meta["exfx_name"] = name
+        set_producer_name(new, name)
         old.replace_all_uses_with(new)
         old.graph.erase_node(old)
 

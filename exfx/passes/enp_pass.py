@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +36,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from exfx.report import SiteInfo
+from exfx.config import SiteParams
+from exfx.errors import PlanError
+from exfx.meta import SiteMatch, set_rewrite_role, site_match
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +52,47 @@ def _slug(name: str) -> str:
 
 
 class EnpPass(PassBase):
-    """Rewrite every eligible site of ``sites`` (see module docstring)."""
+    """Rewrite the sites named in ``params`` (see module docstring).
 
-    def __init__(self, sites: list[SiteInfo]) -> None:
+    Args:
+        params: site name -> the parameters to rewrite it with. Each named site
+            must be a ReLU whose :class:`~exfx.meta.SiteMatch` (written by the
+            exchangeability analysis) is eligible, with a schedule that fits its
+            fan-in; other ReLUs are left dense.
+    """
+
+    def __init__(self, params: Mapping[str, SiteParams]) -> None:
         super().__init__()
-        self.sites = [s for s in sites if s.eligible and s.params is not None]
+        self.params = {name: p for name, p in params.items() if p.enabled}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if not self.sites:
+        if not self.params:
             return PassResult(graph_module, False)
+        matches = [(node, site_match(node)) for node in graph_module.graph.nodes]
+        sites = {m.name: m for _, m in matches if m is not None and m.name in self.params}
+        missing = sorted(set(self.params) - set(sites))
+        if missing:
+            raise PlanError(f"ENP rewrite: no analysed site named {missing}; run the exchangeability analysis on "
+                            f"this graph first (exfx.analyse), and name sites as its report does")
         nodes = {n.name: n for n in graph_module.graph.nodes}
-        for site in self.sites:
-            self._rewrite(graph_module.graph, site, nodes)
+        for site in sites.values():
+            self._rewrite(graph_module.graph, site, self.params[site.name], nodes)
         graph_module.graph.eliminate_dead_code()
         graph_module.graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)
 
-    def _rewrite(self, graph: fx.Graph, site: SiteInfo, nodes: dict[str, fx.Node]) -> None:
-        relu, producer = nodes[site.relu_node], nodes[site.producer_node]
-        assert site.params is not None
-        params, slug = site.params, _slug(site.name)
+    @staticmethod
+    def _check(site: SiteMatch, params: SiteParams) -> None:
+        if not site.eligible:
+            raise PlanError(f"site {site.name!r} cannot be rewritten: {site.reason}")
+        if params.samples[-1] > (site.fan_in or 0):
+            raise PlanError(f"site {site.name!r}: samples {params.samples} exceed its fan-in {site.fan_in}")
+
+    def _rewrite(self, graph: fx.Graph, site: SiteMatch, params: SiteParams, nodes: dict[str, fx.Node]) -> None:
+        self._check(site, params)
+        relu, producer = nodes[site.relu], nodes[site.producer]
+        slug = _slug(site.name)
         x, weight, bias = producer.args[0], producer.args[1], producer.args[2]
         linear = producer.target is F.linear
         conv: dict[str, Any] = {
@@ -81,20 +104,20 @@ class EnpPass(PassBase):
 
         def make(target: Any, args: tuple[Any, ...], role: str) -> fx.Node:
             node = graph.create_node("call_function", target, args, name=f"{slug}_{role}")
-            node.meta["exfx"] = {"site": site.name, "role": role}
+            set_rewrite_role(node, site.name, role)
             return node
 
         with graph.inserting_before(relu):
             residual = None
-            if site.left_node:
-                left = nodes[site.left_node]
+            if site.left:
+                left = nodes[site.left]
                 x = make(torch.matmul, (left, x), "left_matmul")
                 if bias is not None:
                     # A @ (x W + 1 b) = (A @ x) W + (A @ 1) b: the bias becomes a per-row shift.
                     rows = make(torch.sum, (left, -1, True), "left_row_sum")
                     residual = make(torch.mul, (rows, bias), "left_bias")
                     bias = None
-            for shift in site.shift_nodes:
+            for shift in site.shifts:
                 residual = nodes[shift] if residual is None else make(
                     torch.add, (residual, nodes[shift]), "residual")
             state, active, done = None, None, 0
@@ -111,5 +134,4 @@ class EnpPass(PassBase):
                        (x, weight, state, bias, residual, active, done, site.n_units, conv["stride"],
                         conv["padding"], conv["dilation"], conv["groups"], site.name), "complete")
         relu.args = (pre,)
-        relu.meta.setdefault("exfx", {})["site"] = site.name
         logger.debug("rewrote site %s (%s, samples %s)", site.name, params.rule, params.samples)

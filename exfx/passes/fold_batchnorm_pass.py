@@ -34,7 +34,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from exfx.passes.canonicalize_pass import is_producer
+from exfx.analysis.opsets import is_producer
+from exfx.meta import producer_name
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class FoldBatchNormPass(PassBase):
             _assign(gm, str(bias_node.target), new_bias)
         bn.replace_all_uses_with(producer)
         gm.graph.erase_node(bn)
-        logger.debug("folded %s into %s", bn.name, producer.meta.get("exfx_name"))
+        logger.debug("folded %s into %s", bn.name, producer_name(producer))
         return True
 
 

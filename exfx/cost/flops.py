@@ -4,19 +4,12 @@ Convention: **2 FLOPs per multiply-add**, the same as ``FlopCounterMode`` uses f
 ``mm``/``conv``. Element-wise work (bias adds, ReLU) is not counted, exactly as
 ``FlopCounterMode`` does not count it for the dense model.
 
-The ``exfx::`` ops register FLOP formulas that follow the actual masks:
-
-- ``partial_sum`` over units ``[a, b)``: ``2 * (b - a) * t`` per *active* neuron,
-  where ``t`` is the multiply-adds per unit (kernel taps for a conv, features per
-  unit for a flattened linear input); plus ``MOMENT_FLOPS_PER_TERM * (b - a)`` per
-  active neuron under the z-test (the second moment).
-- ``early_exit``: ``THRESHOLD_TEST_FLOPS`` (4) or ``ZTEST_TEST_FLOPS`` (12) per
-  tested neuron.
-- ``complete`` from unit ``a``: ``2 * (n - a) * t`` per *kept* neuron.
-
-A neuron's dense cost is ``2 * n * t``. The dense figure of a compiled module is
-its executed FLOPs with every site replaced by its dense cost, so the two figures
-differ only by what early exit saved and what the tests cost.
+The ``exfx::`` ops get FLOP formulas that follow the actual masks, priced by
+:mod:`exfx.cost.model` (sampled units per *active* neuron, one test per tested
+neuron, the rest of the fan-in per *kept* neuron). A neuron's dense cost is
+``2 * n * t`` for ``n`` units of ``t`` multiply-adds. The dense figure of a
+compiled module is its executed FLOPs with every site replaced by its dense cost,
+so the two figures differ only by what early exit saved and what the tests cost.
 
 The per-site figures are gathered in a :class:`contextvars.ContextVar`, so
 counting in one thread never mixes with another's.
@@ -35,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from exfx.ops import enp_ops
+from exfx import ops  # noqa: F401  (the exfx:: ops must exist before their formulas are registered)
+from exfx.cost.model import op_arguments, site_cost, test_flops
 
 logger = logging.getLogger(__name__)
 
@@ -119,45 +113,32 @@ def _count_active(active: Tensor | None, shape: torch.Size) -> int:
     return int(active.sum())
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs[name]
-
-
 @register_flop_formula(torch.ops.exfx.partial_sum, get_raw=True)
 def _partial_sum_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
-    x, weight, active = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 3, "active")
-    start, stop = _arg(args, kwargs, 4, "start"), _arg(args, kwargs, 5, "stop")
-    n_units, moments, site = _arg(args, kwargs, 6, "n_units"), _arg(args, kwargs, 11, "moments"), _arg(
-        args, kwargs, 12, "site")
-    neurons = _count_active(active, out_val.shape[1:])
-    units = stop - start
-    flops = 2 * units * enp_ops.terms_per_unit(x, weight, n_units) * neurons
-    if moments:
-        flops += enp_ops.MOMENT_FLOPS_PER_TERM * units * neurons
-    _record(site, executed=flops)
+    a = op_arguments(torch.ops.exfx.partial_sum, args, kwargs)
+    cost = site_cost(a["x"], a["weight"], a["n_units"])
+    rule = "ztest" if a["moments"] else "threshold"
+    flops = cost.sampled(a["stop"] - a["start"], rule) * _count_active(a["active"], out_val.shape[1:])
+    _record(a["site"], executed=flops)
     return flops
 
 
 @register_flop_formula(torch.ops.exfx.early_exit, get_raw=True)
 def _early_exit_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
-    active, rule, site = _arg(args, kwargs, 4, "active"), _arg(args, kwargs, 7, "rule"), _arg(args, kwargs, 9, "site")
-    per_test = enp_ops.ZTEST_TEST_FLOPS if rule == "ztest" else enp_ops.THRESHOLD_TEST_FLOPS
-    flops = per_test * _count_active(active, out_val.shape)
-    _record(site, executed=flops)
+    a = op_arguments(torch.ops.exfx.early_exit, args, kwargs)
+    flops = test_flops(a["rule"]) * _count_active(a["active"], out_val.shape)
+    _record(a["site"], executed=flops)
     return flops
 
 
 @register_flop_formula(torch.ops.exfx.complete, get_raw=True)
 def _complete_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
-    x, weight, active = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 5, "active")
-    start, n_units, site = _arg(args, kwargs, 6, "start"), _arg(args, kwargs, 7, "n_units"), _arg(
-        args, kwargs, 12, "site")
-    fan_in = enp_ops.fan_in_of(x, weight, n_units)
-    per_unit = 2 * enp_ops.terms_per_unit(x, weight, n_units)
+    a = op_arguments(torch.ops.exfx.complete, args, kwargs)
+    cost = site_cost(a["x"], a["weight"], a["n_units"])
     neurons = out_val.numel()
-    kept = int(active.sum())
-    flops = per_unit * (fan_in - start) * kept
-    _record(site, executed=flops, dense=per_unit * fan_in * neurons, neurons=neurons, pruned=neurons - kept)
+    kept = int(a["active"].sum())
+    flops = cost.completion(a["start"]) * kept
+    _record(a["site"], executed=flops, dense=cost.dense * neurons, neurons=neurons, pruned=neurons - kept)
     return flops
 
 

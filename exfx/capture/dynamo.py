@@ -47,8 +47,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from exfx.compiled import INPUT_SIZES_META
+from exfx.capture.common import TRACE_LOCK
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
+from exfx.meta import INPUT_SIZES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +298,6 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     capture_fn = types.FunctionType(_call.__code__.replace(co_name="exfx_dynamo_capture"), _call.__globals__,
                                     "exfx_dynamo_capture")
     try:
-        from exfx.capture import TRACE_LOCK
-
         # Automatic dynamic shapes off: sizes seen in earlier captures (of other models) must not matter.
         with TRACE_LOCK, torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             output = torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
@@ -315,7 +314,7 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
                            f"example inputs in their order (an input is unused or not a tensor); pass only the "
                            f"tensors forward() uses, as positional example inputs")
     gm: fx.GraphModule = captured["gm"]
-    gm.meta[INPUT_SIZES_META] = _required_sizes(gm.graph)
+    gm.meta[INPUT_SIZES_KEY] = _required_sizes(gm.graph)
     _return_like_the_model(gm, output, captured["outputs"], expected)
     return gm
 

@@ -28,7 +28,7 @@ Every op has a plain-torch reference implementation (dense compute, masked
 afterwards; exact for any batch size), a fake implementation (so graphs print,
 re-trace and export) and a FLOP formula registered with
 ``torch.utils.flop_counter``. The formulas follow the actual masks; see
-:mod:`exfx.flops` for the convention.
+:mod:`exfx.cost.model` for the convention.
 """
 
 from __future__ import annotations
@@ -41,37 +41,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exfx.config import RULES
 from exfx.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RULES",
-    "THRESHOLD_TEST_FLOPS",
-    "ZTEST_TEST_FLOPS",
-    "MOMENT_FLOPS_PER_TERM",
     "partial_sum",
     "early_exit",
     "complete",
     "z_critical",
     "cutoff",
     "exit_statistic",
+    "bias_and_residual",
     "fan_in_of",
     "terms_per_unit",
 ]
-
-RULES = ("threshold", "ztest")
-
-#: FLOPs charged per tested neuron by the threshold rule: scale the partial sum,
-#: add the spread shift, compare.
-THRESHOLD_TEST_FLOPS = 4
-#: FLOPs charged per tested neuron by the z-test: mean, variance from the two
-#: moments, standard error (sqrt), ratio, compare.
-ZTEST_TEST_FLOPS = 12
-#: FLOPs per sampled term for the second moment (square and accumulate), charged
-#: only under the z-test.
-MOMENT_FLOPS_PER_TERM = 2
-
 
 def z_critical(alpha: float) -> float:
     """``Phi^-1(alpha)``: the z-test prunes a neuron whose z-score is below this.
@@ -155,7 +141,7 @@ def _conv_moment(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     return total
 
 
-def _shift(state: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor | None:
+def bias_and_residual(state: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor | None:
     """Bias plus residual, broadcast to the output layout (channel axis 1 for convs)."""
     shift = None
     if bias is not None:
@@ -285,7 +271,7 @@ def exit_statistic(state: Tensor, weight: Tensor, bias: Tensor | None, residual:
     stats = state.to(dtype)
     total = stats[0]
     mean = total / count
-    shift = _shift(state, weight, bias, residual)
+    shift = bias_and_residual(state, weight, bias, residual)
     if shift is not None:
         mean = mean + shift.to(dtype) / fan_in
     if rule == "threshold":
@@ -331,7 +317,7 @@ def complete(
     if start < fan_in:
         xs, ws = _select_units(x, weight, start, fan_in, n_units, groups)
         total = total + _contract(xs, ws, stride, padding, dilation, groups)
-    shift = _shift(state, weight, bias, residual)
+    shift = bias_and_residual(state, weight, bias, residual)
     if shift is not None:
         total = total + shift
     return torch.where(active, total, torch.zeros((), dtype=total.dtype, device=total.device))

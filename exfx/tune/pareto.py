@@ -1,7 +1,7 @@
 """Pareto curves: a metric against executed FLOPs, for each early-exit rule, and their plot.
 
 :func:`sweep` applies each rule uniformly to every site over a ladder of
-parameters and measures each setting with :func:`exfx.calibrate.evaluate`;
+parameters and measures each setting with :func:`exfx.tune.evaluation.evaluate`;
 :func:`plot` draws the curves with marked points (dense model, calibrated plans,
 oracle bound) to a PNG. ``exfx demo`` and ``benchmarks/exprune_pareto.py`` use them.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from exfx.api import compile as exfx_compile
-from exfx.calibrate import Evaluation, evaluate
+from exfx.api import Analysis
+from exfx.tune.evaluation import Evaluation, analysis_of, evaluate
 from exfx.config import Config
 
 logger = logging.getLogger(__name__)
@@ -29,17 +29,20 @@ ALPHAS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.35, 0.5)
 Curve = list[tuple[float, float]]
 
 
-def sweep(model: torch.nn.Module, example_inputs: tuple[Any, ...], data: Iterable[Any],
+def sweep(model: torch.nn.Module | Analysis, example_inputs: tuple[Any, ...] | None, data: Iterable[Any],
           metric: Callable[[Any, Any], float], *, thresholds: Sequence[float] = THRESHOLDS,
           alphas: Sequence[float] = ALPHAS, samples: int = 32) -> dict[str, Curve]:
-    """``{"threshold": [...], "ztest": [...]}`` of (executed FLOPs per example, score), one point per setting."""
+    """``{"threshold": [...], "ztest": [...]}`` of (executed FLOPs per example, score), one point per setting.
+
+    Every setting is compiled from one analysis (``model`` itself, when it is an :class:`exfx.Analysis`)."""
     data = list(data)
+    analysis = analysis_of(model, example_inputs)
     examples = sum(len(target) for _, target in data)
     settings = [("threshold", Config(threshold=t, samples=samples)) for t in thresholds]
     settings += [("ztest", Config(rule="ztest", alpha=a, samples=samples)) for a in alphas]
     curves: dict[str, Curve] = {"threshold": [], "ztest": []}
     for rule, config in settings:
-        result = evaluate(exfx_compile(model, example_inputs, config), data, metric, progress=False)
+        result = evaluate(analysis.compile(config), data, metric, progress=False)
         curves[rule].append((result.executed / examples, result.score))
     return curves
 

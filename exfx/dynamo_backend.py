@@ -40,10 +40,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from exfx.api import _analyse, _rewrite
+from exfx.api import analyse
 from exfx.config import Config, Plan
-from exfx.dynamo_capture import recover_parameters
+from exfx.capture import recover_parameters
 from exfx.errors import ExfxError, PlanMismatchError
+from exfx.meta import REPORT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,11 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
     # Outside Dynamo's tracing context: there, shape propagation would run on Dynamo's fake tensors, and
     # exfx reading a symbolic batch size as a number would make Dynamo specialise (and recompile) every size.
     with torch._guards.tracing(None):
-        # exfx.compile in two halves, so the plan is cut to this graph's sites from the one analysis.
-        analysed, report = _analyse(exfx_gm, inputs, config, hidden_inputs=hidden)
-        compiled = _rewrite(analysed, report, inputs, config, _plan_for_graph(plan, report.signatures))
+        # One analysis: the plan is cut to this graph's sites from it, then compiled from it.
+        analysis = analyse(exfx_gm, inputs, hidden_inputs=hidden)
+        compiled = analysis.compile(_plan_for_graph(plan, analysis.signatures), config=config)
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
-                len(compiled.meta["exfx_report"].eligible), len(compiled.graph.nodes))
+                len(compiled.meta[REPORT_KEY].eligible), len(compiled.graph.nodes))
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx

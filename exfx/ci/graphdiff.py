@@ -36,6 +36,7 @@ import torch.fx as fx
 from networkx.algorithms.isomorphism import categorical_multiedge_match, categorical_node_match
 
 from exfx.errors import ExfxError
+from exfx.meta import REPORT_KEY, rewrite_role
 from exfx.report import Report
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,9 @@ def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
         hyperparameters = _module_hyperparameters(gm, node)
         if hyperparameters:
             notes.append(hyperparameters)
-    exfx_meta = node.meta.get("exfx", {})
-    if "role" in exfx_meta:
-        notes.append(f"site={exfx_meta['site']} role={exfx_meta['role']}")
+    role = rewrite_role(node)
+    if role is not None:
+        notes.append(f"site={role.site} role={role.role}")
     note = f"  # {'; '.join(notes)}" if notes else ""
     return f"{node.name} = {node.op} {_target_name(gm, node)}({', '.join(args)}){note}"
 
@@ -143,7 +144,7 @@ def site_summary(report: Report | None) -> list[str]:
 
 def graph_text(gm: fx.GraphModule, report: Report | None = None) -> str:
     """Deterministic text of ``gm`` (with the site summary of ``report`` or of ``gm.meta``)."""
-    report = report if report is not None else gm.meta.get("exfx_report")
+    report = report if report is not None else gm.meta.get(REPORT_KEY)
     lines = [f"# exfx graph, format {FORMAT_VERSION}"]
     lines += [f"# {line}" for line in site_summary(report)]
     lines += [_node_line(gm, node) for node in gm.graph.nodes]

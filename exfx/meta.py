@@ -1,0 +1,156 @@
+"""Every key exfx writes into ``node.meta`` / ``GraphModule.meta``, the typed records stored under them, and accessors.
+
+Passes talk to each other only through the graph: the analysis writes one frozen
+:class:`SiteMatch` per ReLU under :data:`SITE_KEY`; the ENP rewrite reads it back
+with :func:`site_match`. Nothing else carries state between stages, so a rewrite
+of a copy of the analysed graph sees exactly what the analysis decided.
+
+Keys (all prefixed ``exfx_`` so they never collide with torch's own meta):
+
+==========================  ==============  ====================================================
+key                         where           value
+==========================  ==============  ====================================================
+``exfx_name``               producer node   dotted name of the module / parameter (the site name)
+``exfx_relu_source``        ReLU node       name of the node the ReLU was canonicalized from
+``exfx_groups``             any tensor node exchangeable group per axis (``"g3"`` or None)
+``exfx_site``               ReLU node       :class:`SiteMatch` (analysis verdict)
+``exfx_role``               rewritten nodes :class:`RewriteRole` (site and role of an ``exfx::`` node)
+``exfx_report``             GraphModule     :class:`exfx.report.Report` of a compiled module
+``exfx_input_sizes``        GraphModule     per input, the sizes Dynamo specialised (or None)
+``exfx_inputs``             GraphModule     the compiled module's input specs
+==========================  ==============  ====================================================
+
+Example::
+
+    >>> analysis = exfx.analyse(model, (x,))
+    >>> [site_match(n).name for n in analysis.graph_module.graph.nodes if site_match(n)]
+    ['fc1', 'fc2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+import torch.fx as fx
+
+__all__ = [
+    "NAME_KEY", "RELU_SOURCE_KEY", "GROUPS_KEY", "SITE_KEY", "ROLE_KEY", "REPORT_KEY", "INPUT_SIZES_KEY",
+    "INPUT_SPECS_KEY",
+    "SiteMatch", "RewriteRole",
+    "producer_name", "set_producer_name", "relu_source", "set_relu_source", "axis_groups", "set_axis_groups",
+    "site_match", "set_site_match", "rewrite_role", "set_rewrite_role", "site_of",
+]
+
+NAME_KEY = "exfx_name"
+RELU_SOURCE_KEY = "exfx_relu_source"
+GROUPS_KEY = "exfx_groups"
+SITE_KEY = "exfx_site"
+ROLE_KEY = "exfx_role"
+REPORT_KEY = "exfx_report"
+INPUT_SIZES_KEY = "exfx_input_sizes"
+INPUT_SPECS_KEY = "exfx_inputs"
+
+
+@dataclass(frozen=True)
+class SiteMatch:
+    """What the analysis decided about one ReLU: the typed contract between analysis and rewrite.
+
+    Attributes:
+        name: the site name: the dotted name of the module or parameter producing
+            the summed pre-activation (``layer1.0.conv1``); ``#2``, ``#3`` suffixes
+            keep repeated producers apart. For a ReLU with no producer, the ReLU's
+            own source name.
+        relu: the ReLU node's name.
+        eligible: structurally eligible: the rewrite may apply, given a schedule
+            that fits ``fan_in``.
+        reason: why not, when not eligible (one line), else empty.
+        group: the exchangeable group of the contraction axis (``"g3"``), or None.
+        fan_in: units summed per output neuron.
+        n_units: units along the contraction axis of the producer's input.
+        kind: ``linear``, ``conv1d``, ``conv2d`` or ``-``.
+        signature: the shape signature a plan is checked against.
+        producer: the producer node (``F.linear`` / ``F.convNd``).
+        input: the producer's input node ``x``.
+        left: the left operand ``A`` of ``A @ (x W)`` (GCN form), or empty.
+        shifts: residual operands added to the pre-activation, in match order.
+    """
+
+    name: str
+    relu: str
+    eligible: bool = False
+    reason: str = ""
+    group: str | None = None
+    fan_in: int | None = None
+    n_units: int = 0
+    kind: str = "-"
+    signature: str = ""
+    producer: str = ""
+    input: str = ""
+    left: str = ""
+    shifts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RewriteRole:
+    """The site and role (``partial_sum_1``, ``early_exit_1``, ``complete``, ...) of a node the rewrite made."""
+
+    site: str
+    role: str = ""
+
+
+def producer_name(node: fx.Node) -> str:
+    """The dotted module / parameter name of a canonical producer (its node name if canonicalize gave none)."""
+    return str(node.meta.get(NAME_KEY, node.name))
+
+
+def set_producer_name(node: fx.Node, name: str, *, overwrite: bool = True) -> None:
+    if overwrite or NAME_KEY not in node.meta:
+        node.meta[NAME_KEY] = name
+
+
+def relu_source(node: fx.Node) -> str:
+    """The name a canonical ReLU had before canonicalize rewrote it (its own name otherwise)."""
+    return str(node.meta.get(RELU_SOURCE_KEY, node.name))
+
+
+def set_relu_source(node: fx.Node, name: str, *, overwrite: bool = True) -> None:
+    if overwrite or RELU_SOURCE_KEY not in node.meta:
+        node.meta[RELU_SOURCE_KEY] = name
+
+
+def axis_groups(node: fx.Node) -> tuple[str | None, ...] | None:
+    """The exchangeable group of each axis of ``node``'s tensor, or None if the analysis did not label it."""
+    return node.meta.get(GROUPS_KEY)
+
+
+def set_axis_groups(node: fx.Node, groups: Sequence[str | None]) -> None:
+    node.meta[GROUPS_KEY] = tuple(groups)
+
+
+def site_match(node: fx.Node) -> SiteMatch | None:
+    """The analysis verdict stored on a ReLU node, or None."""
+    record = node.meta.get(SITE_KEY)
+    return record if isinstance(record, SiteMatch) else None
+
+
+def set_site_match(node: fx.Node, record: SiteMatch) -> None:
+    node.meta[SITE_KEY] = record
+
+
+def rewrite_role(node: fx.Node) -> RewriteRole | None:
+    """The site and role of a node inserted by the ENP rewrite, or None."""
+    record = node.meta.get(ROLE_KEY)
+    return record if isinstance(record, RewriteRole) else None
+
+
+def set_rewrite_role(node: fx.Node, site: str, role: str = "") -> None:
+    node.meta[ROLE_KEY] = RewriteRole(site, role)
+
+
+def site_of(node: fx.Node) -> str | None:
+    """The site a node belongs to: an analysed ReLU's site, or a rewritten node's site."""
+    match = site_match(node)
+    if match is not None:
+        return match.name
+    role = rewrite_role(node)
+    return role.site if role is not None else None

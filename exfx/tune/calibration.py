@@ -1,0 +1,287 @@
+"""Calibration: per-site early-exit parameters for an accuracy budget, in about ten evaluations.
+
+:func:`calibrate` uses the structure of the problem instead of blind search:
+
+1. **Instrument once.** The model is compiled never-pruning, with every
+   candidate checkpoint, and run over the calibration data. At each checkpoint
+   of each site it records, for a seeded random sample of neurons, both rules'
+   test statistics (the mean term and the z-score), and at completion the
+   neuron's true pre-activation. A second pass runs the analysed graph with
+   autograd and records, for the same neurons, the gradient of a random
+   projection of the outputs: the neuron's *gain* on the outputs.
+2. **Price every candidate offline.** For each site, each rule (threshold,
+   z-test), each schedule and each parameter on a grid (thresholds at quantiles
+   of the recorded statistic, a ladder of alphas), it replays the early-exit
+   tests on the recorded neurons. That gives the executed FLOPs per neuron, with
+   the test overhead and the same FLOP convention as :mod:`exfx.flops`, and the
+   *damage*: the first-order output energy ``sum (gain * activation) ** 2`` of
+   the neurons it would falsely zero, as a share of the whole model's. A site
+   whose errors later layers amplify therefore costs more per false prune.
+3. **Allocate across sites.** For a price ``lam``, each site takes the
+   candidate that maximises ``saved FLOPs / model FLOPs - lam * damage``. This is
+   the Lagrangian of "fewest FLOPs subject to bounded damage", solved exactly
+   per site. Sweeping ``lam`` over a fine log grid from conservative to
+   aggressive gives an ordered *path* of distinct allocations, each saving more
+   and damaging more than the one before. A **binary search** along the path
+   then runs full evaluations on the calibration data and keeps the most
+   aggressive plan whose metric drop stays within ``budget``: about
+   ``log2(path length)`` evaluations, never more than ``max_evals``.
+
+Everything is deterministic under ``seed`` (the neuron sample), and the data is
+read in the order given. The returned plan's ``meta["calibration"]`` records the
+number of full evaluations, the wall time, the baseline and calibrated scores
+and the measured FLOP reduction.
+
+:func:`calibrate_budgets` does this for several budgets at once: steps 1-3 do not
+depend on the budget, so only the binary searches are per budget, and they share
+the evaluations of the plans they both visit.
+
+:func:`exfx.random_search` (:mod:`.search`) is the baseline in the spirit of the published tuning
+(Optuna over per-layer parameters): it draws random per-site rules and
+parameters, evaluates each, and keeps the best plan within budget.
+
+Both select on the data they are given; hand them a validation split, never the
+test set.
+
+Stages: :mod:`.instrument` (step 1), :mod:`.pricing` (steps 2-3), this module
+(the search). The model is analysed once (:func:`exfx.analyse`); the baseline,
+the probe and every evaluated plan are compiled from that one analysis. Pass an
+:class:`exfx.Analysis` as ``model`` to reuse yours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from exfx.api import Analysis
+from exfx.config import Config, Plan
+from exfx.tune.evaluation import (
+    Batch,
+    Evaluation,
+    Metric,
+    analysis_of,
+    check_budget,
+    drop_bound,
+    evaluate,
+    plan_for,
+    quiet,
+    tunable_sites,
+    with_calibration_record,
+)
+from exfx.tune.instrument import instrument, record_gains
+from exfx.tune.pricing import allocation_path, candidates, harm_scales
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibrate", "calibrate_budgets", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
+
+#: Every checkpoint schedule over {8, 16, 32, 64} (a site takes those that fit its fan-in): pricing is
+#: offline, so more candidates cost no evaluation, only a little more work in the instrumented pass.
+DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = tuple(
+    tuple(k for k, bit in zip((8, 16, 32, 64), f"{mask:04b}"[::-1]) if bit == "1") for mask in range(1, 16))
+DEFAULT_ALPHAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+def calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+              budget: float = 0.001, config: Config | None = None, *,
+              schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
+              max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
+              sensitivity: str = "gradient", progress: bool | None = None,
+              tracing: Mapping[str, Any] | None = None) -> Plan:
+    """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
+
+    Args:
+        model: an eval-mode model, or an :class:`exfx.Analysis` of one (then
+            ``example_inputs`` is ignored and ``tracing`` must be None).
+        example_inputs: as for :func:`exfx.compile`.
+        data: held-out ``(inputs, targets)`` batches (a validation split): a
+            list, a loader or a generator. It is read once into a list (so it
+            is held in memory), and every evaluation sees the same batches in
+            the same order.
+        metric: ``metric(outputs, targets) -> float``, higher is better, applied
+            once to all outputs and targets concatenated along dim 0. The
+            outputs are those of the compiled module, which for a
+            Dynamo-captured model are a tensor or a tuple of tensors (see
+            :func:`exfx.compile`); the baseline is the model compiled with every
+            site disabled, so each plan's drop is that of early exit alone.
+        budget: allowed absolute metric drop (0.001 = 0.1 point, 0.01 = 1 point).
+        config: if given, restricts the search to ``config.rule`` and the single
+            schedule ``config.samples`` (its threshold or alpha is searched, not
+            taken); by default both rules and every schedule in ``schedules``.
+        schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
+            that fits none is disabled in the plan).
+        alphas: candidate z-test levels.
+        max_evals: at most this many full evaluations after the baseline (the binary search stops
+            earlier once it has pinned the budget's edge on the path).
+        max_neurons: neurons sampled per site by the instrumented pass.
+        seed: seeds the neuron sample (and the bootstrap); same seed and data, same plan.
+        confidence: if set (e.g. 0.95), a plan must also keep the upper
+            ``confidence`` quantile of its drop under a paired bootstrap of the
+            examples within ``budget``: a guard against a small calibration set
+            that happens to hide flipped predictions. Default: the plain drop.
+        sensitivity: how a false prune's damage is weighed across sites.
+            ``"gradient"`` (default): first-order output energy, from one
+            backward pass per batch of a random projection of the outputs, so
+            a site whose errors the later layers amplify costs more.
+            ``"mass"``: the pruned share of the site's own activation mass, the
+            same at every site.
+        progress: show tqdm bars (default: when attached to a terminal).
+        tracing: the capture options of :func:`exfx.compile` (``leaf_modules``,
+            ``concrete_args``, ``hidden_inputs``, ``capture``), used for every
+            compile and analysis; compile the plan with the same ones.
+
+    See the module docstring for the method. ``plan.meta["calibration"]`` holds
+    ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
+    ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
+    """
+    return _calibrate(model, example_inputs, data, metric, (budget,), config, schedules, alphas, max_evals,
+                      max_neurons, seed, confidence, sensitivity, progress, tracing)[0]
+
+
+def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+                      budgets: Sequence[float], config: Config | None = None, *,
+                      schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
+                      alphas: Sequence[float] = DEFAULT_ALPHAS, max_evals: int = 10, max_neurons: int = 200_000,
+                      seed: int = 0, confidence: float | None = None, sensitivity: str = "gradient",
+                      progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> dict[float, Plan]:
+    """:func:`calibrate` for several budgets at once: budget -> plan, each as ``calibrate`` would return it.
+
+    The baseline, the instrumented pass, the gains and the allocation path do not
+    depend on the budget, so they are computed once; each budget then runs its own
+    binary search along the same path, and a plan already evaluated for one budget
+    is not evaluated again for another. Each plan is the one ``calibrate`` returns
+    for that budget with the same arguments. Its ``meta["calibration"]`` holds the
+    ``evals`` and ``seconds`` of the whole call (shared work is not split) and
+    ``budgets``, all the budgets calibrated together.
+
+    Example::
+
+        >>> plans = exfx.calibrate_budgets(model, (x,), val_batches, accuracy, budgets=(0.001, 0.01))
+        >>> plans[0.01].meta["calibration"]["reduction"] >= plans[0.001].meta["calibration"]["reduction"]
+        True
+    """
+    if (isinstance(budgets, (numbers.Real, str)) or not isinstance(budgets, Iterable)
+            or (isinstance(budgets, np.ndarray) and budgets.ndim == 0)):
+        raise ValueError(f"budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got {budgets!r}")
+    budgets = tuple(budgets)  # once: a generator or a numpy array alike
+    if not budgets:
+        raise ValueError("budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got none")
+    plans = _calibrate(model, example_inputs, data, metric, budgets, config, schedules, alphas, max_evals,
+                       max_neurons, seed, confidence, sensitivity, progress, tracing)
+    return {float(budget): plan for budget, plan in zip(budgets, plans)}
+
+
+def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
+               budgets: tuple[float, ...], config: Config | None, schedules: Sequence[tuple[int, ...]],
+               alphas: Sequence[float], max_evals: int, max_neurons: int, seed: int, confidence: float | None,
+               sensitivity: str, progress: bool | None, tracing: Mapping[str, Any] | None) -> list[Plan]:
+    started = time.perf_counter()
+    budgets = tuple(check_budget(budget, schedules) for budget in budgets)
+    rules, schedules, alphas = _check_search(config, schedules, alphas, max_evals, confidence, sensitivity)
+    data = data if isinstance(data, (list, tuple)) else list(data)
+    analysis = analysis_of(model, example_inputs, tracing)
+    sites, signatures = tunable_sites(analysis, schedules), analysis.signatures
+    baseline = evaluate(analysis.compile(plan_for(signatures)), data, metric, desc="exfx calibrate: baseline",
+                        progress=progress)
+    if not sites:
+        return [with_calibration_record(plan_for(signatures), baseline, baseline, 1, started, budget, math.inf,
+                                        budgets) for budget in budgets]
+    checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= (s.fan_in or 0) for k in sch}))
+                   for s in sites}
+    samples = instrument(analysis, data, checkpoints, max_neurons, seed, progress)
+    if sensitivity == "gradient":
+        record_gains(analysis, data, samples, seed, progress)
+    scales = harm_scales(samples)
+    options = {name: candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
+
+    path = allocation_path(options, float(baseline.dense))
+    logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))
+    evaluated: dict[int, tuple[Plan, Evaluation, float]] = {}  # path index -> plan, result, bounded drop
+
+    def evaluate_at(index: int) -> tuple[Plan, Evaluation, float]:
+        if index not in evaluated:
+            lam, allocation = path[index]
+            plan = plan_for(signatures, allocation)
+            result = evaluate(analysis.compile(plan), data, metric, desc=f"exfx calibrate: lam={lam:.3g}",
+                              progress=progress)
+            drop = baseline.score - result.score
+            if confidence is not None:
+                drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
+            evaluated[index] = (plan, result, drop)
+            bar.update(1)
+        return evaluated[index]
+
+    bar = tqdm(total=len(budgets) * min(max_evals, math.ceil(math.log2(len(path) + 1))),
+               desc="exfx calibrate: search", disable=quiet(progress), leave=False)
+    found = [_binary_search(path, budget, max_evals, evaluate_at, baseline.score) for budget in budgets]
+    bar.close()
+    evals = 1 + len(evaluated)
+    return [with_calibration_record(plan_for(signatures), baseline, baseline, evals, started, budget, math.inf,
+                                    budgets) if index is None
+            else with_calibration_record(evaluated[index][0], baseline, evaluated[index][1], evals, started, budget,
+                                         path[index][0], budgets)
+            for budget, index in zip(budgets, found)]
+
+
+def _check_search(config: Config | None, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],
+                  max_evals: int, confidence: float | None,
+                  sensitivity: str) -> tuple[tuple[str, ...], Sequence[tuple[int, ...]], tuple[float, ...]]:
+    """The rules and schedules to search and the alphas, after checking every search argument (before any pass)."""
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
+    rules: tuple[str, ...] = ("threshold", "ztest") if config is None else (config.rule,)
+    if config is not None:
+        if tuple(schedules) != DEFAULT_SCHEDULES:
+            raise ValueError("pass config (one rule and its schedule, config.samples) or schedules, not both")
+        schedules = (tuple(config.samples),)
+    starting_at_1 = [tuple(schedule) for schedule in schedules if schedule[0] < 2]
+    if starting_at_1:
+        raise ValueError(f"calibrate needs every schedule to start at 2 samples or more, got {starting_at_1}: the "
+                         "instrumented pass records the z-test statistic (a sample variance) at every checkpoint")
+    alphas = tuple(alphas)  # a numpy array too
+    bad_alphas = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a <= 0.5]
+    if not alphas or bad_alphas:
+        raise ValueError(f"alphas must be z-test levels in [0, 0.5], got {list(alphas)!r}")
+    if max_evals < 2:
+        raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
+    if confidence is not None and not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
+    if sensitivity not in ("gradient", "mass"):
+        raise ValueError(f"sensitivity must be 'gradient' or 'mass', got {sensitivity!r}")
+    return rules, schedules, alphas
+
+
+def _binary_search(path: Sequence[tuple[float, Any]], budget: float, max_evals: int,
+                   evaluate_at: Callable[[int], tuple[Plan, Evaluation, float]], baseline: float) -> int | None:
+    """The path index of the most aggressive plan found within ``budget`` (None: not even the first).
+
+    The path is ordered from conservative to aggressive, so feasibility is
+    (nearly) monotone along it: ``lo`` is known feasible (-1: the empty plan),
+    ``hi`` known over budget. At most ``max_evals`` indices are visited; of the
+    feasible ones, the plan with the fewest executed FLOPs wins.
+    """
+    best: int | None = None
+    lo, hi, visited = -1, len(path), 0
+    while hi - lo > 1 and visited < max_evals:
+        mid = (lo + hi) // 2
+        _, result, drop = evaluate_at(mid)
+        visited += 1
+        feasible = drop <= budget + 1e-12
+        logger.info("calibrate: budget %g, lam=%.3g score=%.5f (baseline %.5f) reduction=%.4f %s", budget,
+                    path[mid][0], result.score, baseline, result.reduction, "ok" if feasible else "over budget")
+        if feasible:
+            lo = mid
+            if best is None or result.executed < evaluate_at(best)[1].executed:
+                best = mid
+        else:
+            hi = mid
+    return best
