@@ -9,7 +9,8 @@ Analyse a model once, then compile it with as many plans as you like::
     >>> exfx.count_flops(gm, torch.randn(8, 784)).reduction
 
 ``exfx.compile(model, inputs, config)`` and ``exfx.explain(model, inputs)`` do both
-steps in one call. Static (SNP) pruning is not implemented yet.
+steps in one call. ``exfx.prune(model, inputs, data, ratio=0.5)`` removes redundant
+hidden units for good (SNP) and returns a smaller GraphModule and a PruneReport.
 
 The stages, one folder each: ``capture/`` -> ``passes/`` (canonicalize, fold
 BatchNorm, exchangeability analysis, ENP rewrite) over ``analysis/`` (axis graph,
@@ -23,6 +24,7 @@ import importlib
 import warnings
 from typing import Any
 
+from exfx import compat
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import Analysis, analyse, compile, explain
 from exfx.config import Config, Plan, SiteParams
@@ -37,7 +39,9 @@ from exfx.errors import (
     UnsupportedModelError,
 )
 from exfx.meta import SiteMatch
+from exfx.passes.snp_pass import prune
 from exfx.report import Report, SiteInfo
+from exfx.snp import PruneError, PruneReport, PruneWarning
 from exfx.tune.calibration import calibrate, calibrate_budgets
 from exfx.tune.evaluation import Evaluation, evaluate, oracle
 from exfx.tune.search import random_search
@@ -54,6 +58,9 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanMismatchError",
+    "PruneError",
+    "PruneReport",
+    "PruneWarning",
     "Report",
     "SiteFlops",
     "SiteInfo",
@@ -70,24 +77,19 @@ __all__ = [
     "evaluate",
     "explain",
     "oracle",
+    "prune",
     "random_search",
 ]
 
-#: Modules of exfx 0.1 that moved when the stages got their own folders: ``exfx.<old>`` still resolves to the
-#: new module, with a DeprecationWarning naming it. (``exfx.calibrate`` and ``exfx.backend`` were always
-#: the functions, which shadowed their modules; those modules are now exfx.tune.calibration and
-#: exfx.dynamo_backend.)
-_MOVED_MODULES = {
-    "flops": "exfx.cost.flops",
-    "graphdiff": "exfx.ci.graphdiff",
-    "spec": "exfx.ci.spec",
-    "pareto": "exfx.tune.pareto",
-    "dynamo_capture": "exfx.capture.dynamo",
-}
+compat.install()  # exfx 0.1's module paths (exfx.flops, exfx.calibrate, ...) keep working, with a warning
+
+#: ``exfx.<old>`` attribute access to a moved module: the new module, with a DeprecationWarning naming it.
+_MOVED_ATTRIBUTES = {"flops": "exfx.cost.flops", "graphdiff": "exfx.ci.graphdiff", "spec": "exfx.ci.spec",
+                     "pareto": "exfx.tune.pareto", "dynamo_capture": "exfx.capture.dynamo"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED_MODULES:
-        warnings.warn(f"exfx.{name} moved to {_MOVED_MODULES[name]}", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(_MOVED_MODULES[name])
+    if name in _MOVED_ATTRIBUTES:
+        warnings.warn(f"exfx.{name} moved to {_MOVED_ATTRIBUTES[name]}", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(_MOVED_ATTRIBUTES[name])
     raise AttributeError(f"module 'exfx' has no attribute {name!r}")

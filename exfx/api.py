@@ -10,8 +10,10 @@ without capturing again, so calibration and sweeps pay for the analysis once.
 :func:`compile` and :func:`explain` are the one-shot wrappers.
 
 Shapes are propagated with real tensors once (the check that the model runs on
-``example_inputs``, with the model's own error if not), then with fake tensors
-after each graph-changing pass: those passes need shapes and dtypes, not values.
+``example_inputs``, with the model's own error if not), then once more with fake
+tensors after canonicalize and BatchNorm folding, for the nodes they created: the
+analysis needs shapes and dtypes, not values. (Canonicalize copies each replaced
+node's shape to its replacement, which is all BatchNorm folding reads.)
 
 Example::
 
@@ -194,11 +196,15 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], *, fake: bool
 def _fake_propagate(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
     """``tensor_meta`` from a run on fake tensors: no FLOP of the model is spent, and no value is read."""
     kept = {node: node.meta["val"] for node in gm.graph.nodes if "val" in node.meta}  # e.g. Dynamo's own
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-    for node in gm.graph.nodes:
-        value = node.meta.pop("val", None)
-        if node in kept:
-            node.meta["val"] = kept[node]
+    try:
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+        values = {node: node.meta.get("val") for node in gm.graph.nodes}
+    finally:  # the graph keeps no fake tensor, even when the run failed half-way
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
+            if node in kept:
+                node.meta["val"] = kept[node]
+    for node, value in values.items():
         if isinstance(value, torch.Tensor):
             node.meta["tensor_meta"] = _tensor_metadata(value)
         elif isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
@@ -243,10 +249,9 @@ def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     with TRACE_LOCK:
         gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
         _propagate_shapes(gm, inputs, fake=False)  # the one real run: does the model run on these inputs?
-        CanonicalizePass()(gm)
-        _propagate_shapes(gm, inputs, fake=True)
+        CanonicalizePass()(gm)  # each rewritten producer keeps its node's shape, which is all BN folding reads
         FoldBatchNormPass()(gm)
-        _propagate_shapes(gm, inputs, fake=True)
+        _propagate_shapes(gm, inputs, fake=True)  # the new weight and bias nodes, for the analysis
     _check_hidden_inputs(gm, hidden_inputs)
     analysis = ExchangeabilityPass(hidden_inputs=hidden_inputs)
     analysis(gm)

@@ -100,3 +100,29 @@ def test_moved_cost_constants_still_resolve_with_a_warning() -> None:
 
     with pytest.warns(DeprecationWarning, match="exfx.cost.model"):
         assert exfx.ops.ZTEST_TEST_FLOPS == ZTEST_TEST_FLOPS
+
+
+@pytest.mark.parametrize("statement, new", [
+    ("from exfx.calibrate import evaluate", "exfx.tune.evaluation"),
+    ("from exfx.calibrate import DEFAULT_SCHEDULES", "exfx.tune.calibration"),
+    ("from exfx.flops import count_flops", "exfx.cost.flops"),
+    ("from exfx.backend import exfx_backend", "exfx.dynamo_backend"),
+    ("from exfx.ops.enp_ops import MOMENT_FLOPS_PER_TERM", "exfx.cost.model"),
+])
+def test_old_import_paths_still_work_with_a_warning(statement: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=new):
+        exec(statement, {})
+
+
+def test_deprecated_pass_arguments_still_work_with_a_warning() -> None:
+    import torch
+
+    from exfx.passes import EnpPass, ExchangeabilityPass
+
+    with pytest.warns(DeprecationWarning, match="decided per plan"):
+        ExchangeabilityPass(samples=8)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU())
+    analysis = exfx.analyse(model.eval(), (torch.randn(2, 4),))
+    report = analysis.explain(exfx.Config(samples=8))
+    with pytest.warns(DeprecationWarning, match="SiteParams"):
+        assert EnpPass(report.sites).params == {"2": exfx.Config(samples=8).site_params}

@@ -38,10 +38,12 @@ function::
 
 Example::
 
-    >>> axes = build_axis_graph(gm)                     # gm: canonical, shape-propagated
-    >>> groups = exchangeable_groups(gm, axes)
-    >>> groups.group_of[("fc1", 1)], groups.pin_of.get(("x", 1))
-    ('g0', 'model input (`x`)')
+    >>> gm = exfx.analyse(mlp_784_512_256_10, (torch.randn(8, 784),)).graph_module   # canonical, shapes known
+    >>> groups = exchangeable_groups(gm, build_axis_graph(gm))
+    >>> groups.group_of[("linear", 1)], groups.pin_of[("input_1", 1)]
+    ('g0', 'model input (`input_1`)')
+    >>> groups.groups["g0"]            # the first hidden layer: its rows, bias, outputs and the next columns
+    ['_0_weight[0]', '_0_bias[0]', 'linear[1]', 'relu[1]', '_2_weight[1]']
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ decided later, per plan.
 
 Example::
 
-    >>> match = match_site(relu_node, axes, groups)
-    >>> match.name, match.eligible, match.reason
-    ('fc1', True, '')
+    >>> match = match_site(second_relu, axes, groups)        # a 784-512-256-10 MLP
+    >>> match.name, match.eligible, match.fan_in, match.signature
+    ('2', True, 512, 'linear 512->256')
 """
 
 from __future__ import annotations

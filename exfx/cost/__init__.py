@@ -8,8 +8,8 @@ from exfx.cost.model import (
     SiteCost,
     op_arguments,
     site_cost,
-    test_flops,
+    exit_test_flops,
 )
 
 __all__ = ["FLOP_CONVENTION", "FlopReport", "SiteFlops", "count_flops", "run_counting", "MOMENT_FLOPS_PER_TERM",
-           "THRESHOLD_TEST_FLOPS", "ZTEST_TEST_FLOPS", "SiteCost", "op_arguments", "site_cost", "test_flops"]
+           "THRESHOLD_TEST_FLOPS", "ZTEST_TEST_FLOPS", "SiteCost", "op_arguments", "site_cost", "exit_test_flops"]

@@ -11,6 +11,16 @@ neuron, the rest of the fan-in per *kept* neuron). A neuron's dense cost is
 compiled module is its executed FLOPs with every site replaced by its dense cost,
 so the two figures differ only by what early exit saved and what the tests cost.
 
+The native kernels of a lowered module (``exfx::enp_linear``,
+``exfx::sparse_input_linear``) get formulas too, registered by
+:func:`register_native_flop_formulas` once those ops exist (the lowering pass
+calls it; :func:`run_counting` calls it when the ops are defined). An
+``enp_linear`` site is counted exactly like the reference chain it replaced (same
+masks, same figures). The savings of a sparse-input consumer are real executed
+work, but they are not early negative prediction: they are kept apart in
+:attr:`FlopReport.consumers`, and :attr:`FlopReport.enp_reduction` gives ENP's
+share alone (the paper's figure).
+
 The per-site figures are gathered in a :class:`contextvars.ContextVar`, so
 counting in one thread never mixes with another's.
 """
@@ -29,11 +39,13 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from exfx import ops  # noqa: F401  (the exfx:: ops must exist before their formulas are registered)
-from exfx.cost.model import op_arguments, site_cost, test_flops
+from exfx.cost.model import (FLOPS_PER_MULTIPLY_ADD, SiteCost, exit_test_flops, op_arguments, site_cost,
+                             sparse_input_flops, weight_label)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteFlops", "FlopReport", "count_flops", "run_counting", "FLOP_CONVENTION"]
+__all__ = ["SiteFlops", "FlopReport", "count_flops", "run_counting", "FLOP_CONVENTION",
+           "register_native_flop_formulas"]
 
 FLOP_CONVENTION = "2 FLOPs per multiply-add; element-wise ops not counted; exfx test overhead included"
 
@@ -65,15 +77,29 @@ class FlopReport:
     executed: int
     sites: dict[str, SiteFlops] = field(default_factory=dict)
     convention: str = FLOP_CONVENTION
+    #: ``relu -> F.linear`` consumers lowered to ``exfx::sparse_input_linear`` (empty unless lowered natively).
+    consumers: dict[str, SiteFlops] = field(default_factory=dict)
 
     @property
     def reduction(self) -> float:
         """Fraction of dense FLOPs saved (negative if the tests cost more than they save)."""
         return 1.0 - self.executed / self.dense if self.dense else 0.0
 
+    @property
+    def enp_reduction(self) -> float:
+        """Fraction of dense FLOPs saved by early negative prediction alone (sparse-input savings excluded)."""
+        if not self.dense:
+            return 0.0
+        consumer_savings = sum(c.dense - c.executed for c in self.consumers.values())
+        return 1.0 - (self.executed + consumer_savings) / self.dense
+
     def to_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense, "executed": self.executed, "reduction": self.reduction,
+        data = {"dense": self.dense, "executed": self.executed, "reduction": self.reduction,
                 "convention": self.convention, "sites": {k: v.to_dict() for k, v in self.sites.items()}}
+        if self.consumers:
+            data["enp_reduction"] = self.enp_reduction
+            data["consumers"] = {k: v.to_dict() for k, v in self.consumers.items()}
+        return data
 
     def __str__(self) -> str:
         lines = [f"dense {self.dense:,} FLOPs, executed {self.executed:,} FLOPs "
@@ -81,11 +107,16 @@ class FlopReport:
         for site in self.sites.values():
             lines.append(f"  {site.name:<30} executed {site.executed:>14,}  dense {site.dense:>14,}  "
                          f"pruned {100 * site.pruned_fraction:6.2f}%")
+        for site in self.consumers.values():
+            lines.append(f"  {site.name:<30} executed {site.executed:>14,}  dense {site.dense:>14,}  "
+                         f"zero inputs skipped (sparse-input consumer, not ENP)")
         return "\n".join(lines)
 
 
 _SITES: contextvars.ContextVar[dict[str, SiteFlops] | None] = contextvars.ContextVar("exfx_site_flops",
                                                                                         default=None)
+_CONSUMERS: contextvars.ContextVar[dict[str, SiteFlops] | None] = contextvars.ContextVar("exfx_consumer_flops",
+                                                                                            default=None)
 
 
 @contextlib.contextmanager
@@ -98,8 +129,19 @@ def _site_accounting() -> Iterator[dict[str, SiteFlops]]:
         _SITES.reset(token)
 
 
-def _record(site: str, **amounts: int) -> None:
-    sites = _SITES.get()
+@contextlib.contextmanager
+def _consumer_accounting() -> Iterator[dict[str, SiteFlops]]:
+    consumers: dict[str, SiteFlops] = {}
+    token = _CONSUMERS.set(consumers)
+    try:
+        yield consumers
+    finally:
+        _CONSUMERS.reset(token)
+
+
+def _record(site: str, *, table: contextvars.ContextVar[dict[str, SiteFlops] | None] = _SITES,
+            **amounts: int) -> None:
+    sites = table.get()
     if sites is None:
         return
     entry = sites.setdefault(site, SiteFlops(site))
@@ -126,7 +168,7 @@ def _partial_sum_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
 @register_flop_formula(torch.ops.exfx.early_exit, get_raw=True)
 def _early_exit_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
     a = op_arguments(torch.ops.exfx.early_exit, args, kwargs)
-    flops = test_flops(a["rule"]) * _count_active(a["active"], out_val.shape)
+    flops = exit_test_flops(a["rule"]) * _count_active(a["active"], out_val.shape)
     _record(a["site"], executed=flops)
     return flops
 
@@ -142,13 +184,61 @@ def _complete_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
     return flops
 
 
+def _enp_linear_flops(*args: Any, out_val: tuple[Tensor, Tensor], **kwargs: Any) -> int:
+    """``exfx::enp_linear``: the head of every neuron, one test each, the tail of the kept ones."""
+    a = op_arguments(torch.ops.exfx.enp_linear, args, kwargs)
+    features = a["head"].shape[1] + a["tail"].shape[1]
+    cost = SiteCost(fan_in=a["n_units"], unit_flops=FLOPS_PER_MULTIPLY_ADD * (features // a["n_units"]))
+    keep = out_val[1]
+    neurons, kept = keep.numel(), int(keep.sum())
+    flops = (cost.sampled(a["count"], a["rule"]) + exit_test_flops(a["rule"])) * neurons
+    flops += cost.completion(a["count"]) * kept
+    site = weight_label(a["head"]) or f"enp_linear[{a['head'].shape[0]}x{features}]"
+    _record(site, executed=flops, dense=cost.dense * neurons, neurons=neurons, pruned=neurons - kept)
+    return flops
+
+
+def _sparse_input_linear_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
+    """``exfx::sparse_input_linear``: every non-zero input entry times every output."""
+    a = op_arguments(torch.ops.exfx.sparse_input_linear, args, kwargs)
+    x, w_t = a["x"], a["w_t"]
+    nonzero = int((x != 0).sum())
+    flops = sparse_input_flops(nonzero, w_t.shape[1])
+    site = weight_label(w_t) or f"sparse_input_linear[{w_t.shape[1]}x{w_t.shape[0]}]"
+    neurons = x.numel()
+    _record(site, table=_CONSUMERS, executed=flops, dense=sparse_input_flops(neurons, w_t.shape[1]),
+            neurons=neurons, pruned=neurons - nonzero)
+    return flops
+
+
+class _NativeFormulas:
+    registered = False
+
+
+def register_native_flop_formulas() -> bool:
+    """Register the formulas of the native ops if they are defined (idempotent); whether they are registered."""
+    if _NativeFormulas.registered:
+        return True
+    try:
+        enp, sparse = torch.ops.exfx.enp_linear, torch.ops.exfx.sparse_input_linear
+    except (AttributeError, RuntimeError):  # not built or loaded in this process: nothing can call them
+        return False
+    register_flop_formula(enp, get_raw=True)(_enp_linear_flops)
+    register_flop_formula(sparse, get_raw=True)(_sparse_input_linear_flops)
+    _NativeFormulas.registered = True
+    return True
+
+
 def run_counting(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> tuple[Any, FlopReport]:
     """Run ``module(*inputs, **kwargs)`` once; return its output and a :class:`FlopReport`."""
-    with torch.no_grad(), _site_accounting() as sites, FlopCounterMode(display=False) as counter:
+    register_native_flop_formulas()
+    with (torch.no_grad(), _site_accounting() as sites, _consumer_accounting() as consumers,
+          FlopCounterMode(display=False) as counter):
         output = module(*inputs, **kwargs)
     executed = int(counter.get_total_flops())
     dense = executed + sum(s.dense - s.executed for s in sites.values())
-    return output, FlopReport(dense=dense, executed=executed, sites=dict(sites))
+    dense += sum(c.dense - c.executed for c in consumers.values())
+    return output, FlopReport(dense=dense, executed=executed, sites=dict(sites), consumers=dict(consumers))
 
 
 def count_flops(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> FlopReport:

@@ -3,9 +3,19 @@
 Every place that prices a site asks this module: the ``FlopCounterMode``
 formulas (:mod:`exfx.cost.flops`), calibration's offline pricing of candidate
 plans (:mod:`exfx.tune.pricing`) and the oracle bound
-(:mod:`exfx.tune.evaluation`). Lowering and structured pruning will price with
-it too. Op arguments are read by name from the op's schema
+(:mod:`exfx.tune.evaluation`), and the lowering pass's choice of kernel
+(:class:`LatencyModel`). Op arguments are read by name from the op's schema
 (:func:`op_arguments`), never by position.
+
+Latency: FLOPs do not say which kernel is faster on a given machine (a masked
+reference op does every multiply-add of dense and then some; a native kernel
+saves memory traffic that FLOPs do not see). :class:`LatencyModel` therefore
+*measures* the candidate kernels of a site at its shapes and compile-time batch
+size, interleaved, and caches the medians per machine (torch version, CPU,
+instruction set, thread count) in ``timings.json`` under :func:`cache_dir`
+(``$EXFX_CACHE_DIR``, else ``~/.cache/exfx``). ``EXFX_FORCE_LOWERING=native`` or
+``=dense`` (or ``LatencyModel(force=...)``) skips timing and forces the choice,
+for deterministic tests.
 
 Convention: **2 FLOPs per multiply-add**, as ``FlopCounterMode`` counts
 ``mm``/``conv``; element-wise work (bias adds, ReLU) is not counted, as
@@ -29,9 +39,17 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import platform
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +61,9 @@ from exfx.ops.enp import fan_in_of, terms_per_unit
 logger = logging.getLogger(__name__)
 
 __all__ = ["THRESHOLD_TEST_FLOPS", "ZTEST_TEST_FLOPS", "MOMENT_FLOPS_PER_TERM", "FLOPS_PER_MULTIPLY_ADD",
-           "SiteCost", "site_cost", "test_flops", "op_arguments"]
+           "SiteCost", "site_cost", "exit_test_flops", "op_arguments", "sparse_input_flops",
+           "CACHE_DIR_ENV", "FORCE_LOWERING_ENV", "WIN_MARGIN", "cache_dir", "machine_key", "TimingCache",
+           "Choice", "LatencyModel", "label_weight", "weight_label"]
 
 #: The convention of ``FlopCounterMode`` for matmuls and convs.
 FLOPS_PER_MULTIPLY_ADD = 2
@@ -56,7 +76,7 @@ ZTEST_TEST_FLOPS = 12
 MOMENT_FLOPS_PER_TERM = 2
 
 
-def test_flops(rule: str) -> int:
+def exit_test_flops(rule: str) -> int:
     """FLOPs of one early-exit test of one neuron under ``rule``."""
     return ZTEST_TEST_FLOPS if rule == "ztest" else THRESHOLD_TEST_FLOPS
 
@@ -98,7 +118,7 @@ class SiteCost:
             flops += fraction * (k - done) * self.unit_flops
             if rule == "ztest":
                 flops += fraction * (k - done) * MOMENT_FLOPS_PER_TERM
-            flops += fraction * test_flops(rule)
+            flops += fraction * exit_test_flops(rule)
             done = k
         return flops + active[-1] * (self.fan_in - done) * self.unit_flops
 
@@ -117,3 +137,170 @@ def op_arguments(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket, args: 
     if normalised is None:
         raise TypeError(f"the arguments of {overload} do not match its schema {overload._schema}")
     return dict(normalised.kwargs)
+
+
+def sparse_input_flops(nonzero_inputs: int, out_features: int) -> int:
+    """FLOPs of a linear layer that reads only its ``nonzero_inputs`` non-zero (sample, input unit) entries."""
+    return FLOPS_PER_MULTIPLY_ADD * nonzero_inputs * out_features
+
+
+# ---------------------------------------------------------------------------
+# Which site a prepared weight belongs to (for FLOP records of ops without a site argument)
+# ---------------------------------------------------------------------------
+
+_LABELS: dict[int, tuple[weakref.ref[Tensor], str]] = {}
+
+
+def label_weight(weight: Tensor, name: str) -> None:
+    """Remember that ``weight`` (a relaid or transposed copy made at compile time) prices site ``name``."""
+    key = id(weight)
+    _LABELS[key] = (weakref.ref(weight, lambda _ref, key=key: _LABELS.pop(key, None)), name)
+
+
+def weight_label(weight: Tensor) -> str | None:
+    """The name :func:`label_weight` gave this very tensor object, or None."""
+    entry = _LABELS.get(id(weight))
+    return entry[1] if entry is not None and entry[0]() is weight else None
+
+
+# ---------------------------------------------------------------------------
+# Latency: measured kernel timings, cached per machine
+# ---------------------------------------------------------------------------
+
+#: Directory of the timing cache (default ``~/.cache/exfx``).
+CACHE_DIR_ENV = "EXFX_CACHE_DIR"
+#: ``native`` or ``dense``: skip timing and force that choice wherever it is possible.
+FORCE_LOWERING_ENV = "EXFX_FORCE_LOWERING"
+#: A candidate replaces the baseline only when its median is below this fraction of the baseline's:
+#: timings on a shared machine are noisy, and "never slower than dense" is the contract.
+WIN_MARGIN = 0.95
+_TIMINGS_FILE = "timings.json"
+_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """Where exfx caches per-machine data: ``$EXFX_CACHE_DIR``, else ``~/.cache/exfx``."""
+    configured = os.environ.get(CACHE_DIR_ENV, "")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "exfx"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a timing depends on besides the shapes: torch version, CPU, instruction set, intra-op threads."""
+    return (f"torch={torch.__version__}|cpu={_cpu_name()}|isa={torch.backends.cpu.get_cpu_capability()}"
+            f"|threads={torch.get_num_threads()}")
+
+
+class TimingCache:
+    """Kernel timings (milliseconds) in a JSON file, keyed by machine, kernel, shapes and batch.
+
+    Unreadable or unwritable files are logged and ignored: a cache miss only costs a measurement.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else cache_dir() / _TIMINGS_FILE
+
+    def load(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("timings"), dict):
+            return {}
+        return {str(k): float(v) for k, v in data["timings"].items() if isinstance(v, (int, float))}
+
+    def get(self, key: str) -> float | None:
+        return self.load().get(key)
+
+    def put(self, entries: Mapping[str, float]) -> None:
+        """Merge ``entries`` into the file (written to a temporary file, then renamed: never half-written)."""
+        timings = self.load()
+        timings.update(entries)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as handle:
+                json.dump({"format": _FORMAT, "timings": timings}, handle, indent=0, sort_keys=True)
+            os.replace(handle.name, self.path)
+        except OSError as error:
+            logger.debug("exfx: cannot write the timing cache %s (%s); timings are not kept", self.path, error)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The form :meth:`LatencyModel.choose` picked, the median milliseconds per form, and how it decided."""
+
+    form: str
+    timings: tuple[tuple[str, float], ...] = ()
+    forced: bool = False
+
+    def ms(self, form: str) -> float | None:
+        return dict(self.timings).get(form)
+
+
+class LatencyModel:
+    """Pick the fastest of a few candidate kernels for one site, by measuring them (or reading the cache).
+
+    Args:
+        cache: where medians are kept; None for the default file, ``False`` for no cache.
+        repeats: timed calls per candidate, interleaved (after one warm-up call each).
+        force: ``"native"``/``"dense"`` (or any candidate name) to skip timing; default ``$EXFX_FORCE_LOWERING``.
+        margin: see :data:`WIN_MARGIN`.
+
+    Example::
+
+        >>> latency = LatencyModel(cache=False, repeats=3)
+        >>> latency.choose("linear 2048->8192 rows=1 keep=0.50", {"dense": dense_fn, "native": native_fn}).form
+        'native'
+    """
+
+    def __init__(self, cache: TimingCache | bool | None = None, *, repeats: int = 5, force: str | None = None,
+                 margin: float = WIN_MARGIN) -> None:
+        self.cache = TimingCache() if cache is None or cache is True else (cache or None)
+        self.repeats = max(1, int(repeats))
+        self.force = force if force is not None else (os.environ.get(FORCE_LOWERING_ENV, "") or None)
+        self.margin = margin
+
+    def measure(self, key: str, candidates: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        """Median milliseconds per candidate for the problem ``key`` on this machine (cached)."""
+        keys = {form: f"{machine_key()}|{key}|{form}" for form in candidates}
+        cached = self.cache.load() if self.cache is not None else {}
+        if all(k in cached for k in keys.values()):
+            return {form: cached[k] for form, k in keys.items()}
+        medians = _time_interleaved(candidates, self.repeats)
+        if self.cache is not None:
+            self.cache.put({keys[form]: ms for form, ms in medians.items()})
+        return medians
+
+    def choose(self, key: str, candidates: Mapping[str, Callable[[], object]], baseline: str = "dense") -> Choice:
+        """The fastest candidate, unless it does not beat ``baseline`` by :attr:`margin` (then ``baseline``)."""
+        if baseline not in candidates:
+            raise ValueError(f"the baseline {baseline!r} must be one of the candidates {sorted(candidates)}")
+        if self.force is not None:
+            return Choice(self.force if self.force in candidates else baseline, forced=True)
+        timings = self.measure(key, candidates)
+        best = min((form for form in candidates if form != baseline), key=lambda f: timings[f], default=baseline)
+        chosen = best if timings[best] <= self.margin * timings[baseline] else baseline
+        return Choice(chosen, tuple((form, timings[form]) for form in candidates))
+
+
+def _time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """One warm-up call each, then ``repeats`` rounds calling every candidate once: median ms per candidate."""
+    samples: dict[str, list[float]] = {form: [] for form in candidates}
+    with torch.no_grad():
+        for fn in candidates.values():
+            fn()
+        for _ in range(repeats):
+            for form, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                samples[form].append(1e3 * (time.perf_counter() - start))
+    return {form: statistics.median(values) for form, values in samples.items()}

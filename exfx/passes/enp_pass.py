@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,8 +62,12 @@ class EnpPass(PassBase):
             fan-in; other ReLUs are left dense.
     """
 
-    def __init__(self, params: Mapping[str, SiteParams]) -> None:
+    def __init__(self, params: Mapping[str, SiteParams] | Sequence[Any]) -> None:
         super().__init__()
+        if not isinstance(params, Mapping):  # exfx 0.1 passed the report's rows
+            warnings.warn("EnpPass(report.sites) is deprecated: pass {site name: SiteParams}, e.g. "
+                          "{s.name: s.params for s in report.eligible}", DeprecationWarning, stacklevel=2)
+            params = {s.name: s.params for s in params if s.eligible and s.params is not None}
         self.params = {name: p for name, p in params.items() if p.enabled}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

@@ -18,11 +18,11 @@ its units a fair sample (ExPrune, arXiv 2506.02210).
 
 Example::
 
-    >>> analysis = ExchangeabilityPass(hidden_inputs=("features",))
-    >>> analysis(gm)                                   # gm: canonical, BN-folded, shape-propagated
+    >>> analysis = ExchangeabilityPass()
+    >>> analysis(gm)                    # gm: a 784-512-256-10 MLP, canonical, BN-folded, shape-propagated
     >>> [(s.name, s.eligible, s.reason) for s in analysis.sites]
-    [('head.0', True, ''), ('head.2', True, '')]
-    >>> exfx.meta.site_match(relu_node).fan_in
+    [('0', False, 'contraction axis is a model input (`input_1`)'), ('2', True, '')]
+    >>> exfx.meta.site_match(gm.graph.find_nodes(op="call_function", target=torch.relu)[1]).fan_in
     512
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Collection
 
 import torch.fx as fx
@@ -59,8 +60,12 @@ class ExchangeabilityPass(PassBase):
     :class:`~exfx.analysis.axes.AxisGroups`.
     """
 
-    def __init__(self, hidden_inputs: Collection[str] = ()) -> None:
+    def __init__(self, hidden_inputs: Collection[str] = (), samples: int | None = None) -> None:
         super().__init__()
+        if samples is not None:
+            warnings.warn("ExchangeabilityPass(samples=...) is deprecated and ignored: whether a site's fan-in fits "
+                          "its schedule is decided per plan, by exfx.Analysis.explain / compile", DeprecationWarning,
+                          stacklevel=2)
         self.hidden_inputs = frozenset(hidden_inputs)
         self.sites: list[SiteMatch] = []
         self.groups = AxisGroups({}, {}, {})

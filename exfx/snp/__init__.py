@@ -1,0 +1,22 @@
+"""Helpers of static structured pruning (SNP and baselines); the pass and :func:`prune` are in
+:mod:`exfx.passes.snp_pass`.
+
+- :mod:`exfx.snp.layers`: which unit axes can be sliced, read from the exchangeable groups;
+- :mod:`exfx.snp.stats`: float64 second moments of the units over a data set;
+- :mod:`exfx.snp.subspace`: orderings, LDL^T energies, kept counts, the least-squares fold;
+- :mod:`exfx.snp.report`: the frozen report records, parameter and FLOP counts;
+- :mod:`exfx.snp.errors`: :class:`PruneError` and :class:`PruneWarning`.
+"""
+
+from exfx.snp.errors import PruneError, PruneWarning
+from exfx.snp.layers import ConsumerSlot, PrunableLayer, RefusedLayer, find_prunable_layers
+from exfx.snp.report import LayerPrune, PruneReport, RefusedAxis, count_forward_flops, count_parameters
+from exfx.snp.stats import UnitStatistics, collect_statistics
+from exfx.snp.subspace import fold_map, kept_from_energy, kept_from_ratio, ldl_diagonal, pivoted_ldl, zca_order
+
+__all__ = [
+    "ConsumerSlot", "LayerPrune", "PrunableLayer", "PruneError", "PruneReport", "PruneWarning", "RefusedAxis",
+    "RefusedLayer", "UnitStatistics", "collect_statistics", "count_forward_flops", "count_parameters",
+    "find_prunable_layers", "fold_map", "kept_from_energy", "kept_from_ratio", "ldl_diagonal", "pivoted_ldl",
+    "zca_order",
+]
