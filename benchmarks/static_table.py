@@ -48,13 +48,13 @@ import torch.fx as fx
 
 import exfx
 from benchmarks.data import load_fashion_mnist, to_float
-from benchmarks.exprune_table import BENCHMARKS, CONFIDENCE, TRAIN_COMMANDS, Benchmark
+from benchmarks.exprune_table import BENCHMARKS, CONFIDENCE, Benchmark
 from benchmarks.models import MODELS
 from benchmarks.train_cv import _augment
 from exfx.passes.snp_pass import prune
 from exfx.snp.finetune import finetune
 from exfx.snp.magnitude import magnitude_prune
-from exfx.snp.report import count_forward_flops
+from exfx.snp.report import count_forward_flops, count_parameters
 from exfx.tune.calibration import calibrate_budgets
 from exfx.tune.evaluation import evaluate
 
@@ -66,9 +66,11 @@ RATIOS = (0.25, 0.5, 0.75)
 METHODS = ("snp", "l1", "random", "bias_fold")
 #: Global magnitude sparsities: 0.5 (still accurate unpruned), 0.9 (needs the fine-tune; ExPrune composes on it).
 SPARSITIES = (0.5, 0.9)
-#: Which (method, fraction) pairs are fine-tuned (the rest report acc_ft = null).
-FINETUNED = (("snp", 0.5), ("l1", 0.5), ("magnitude", 0.9), ("snp", 0.25), ("l1", 0.25), ("snp", 0.75),
-             ("l1", 0.75), ("random", 0.5), ("bias_fold", 0.5))
+#: Always fine-tuned (the rest report acc_ft = null).
+FINETUNED = (("snp", 0.5), ("l1", 0.5), ("magnitude", 0.9))
+#: Fine-tuned where the cache already holds them (fill it with --warm ft:...), or always with --ft-all.
+FINETUNED_OPTIONAL = (("bias_fold", 0.5), ("random", 0.5), ("snp", 0.25), ("l1", 0.25), ("snp", 0.75),
+                      ("l1", 0.75))
 #: ExPrune is composed on these: the SNP-50% and the 90%-sparse magnitude-pruned model.
 COMPOSED = (("snp", 0.5), ("magnitude", 0.9))
 BUDGETS = ((0.001, "0p1"), (0.01, "1p0"))
@@ -150,8 +152,9 @@ def tag(method: str, fraction: float) -> str:
 class Variants:
     """Every pruned variant of one model, built lazily from one analysis, fine-tunes cached."""
 
-    def __init__(self, bench: Benchmark, quick: bool, ft_steps: int, fresh: bool) -> None:
+    def __init__(self, bench: Benchmark, quick: bool, ft_steps: int, fresh: bool, cached_only: bool = False) -> None:
         self.bench, self.quick, self.ft_steps, self.fresh = bench, quick, ft_steps, fresh
+        self.cached_only = cached_only
         self.stat_batches = bench.val[: 2 if quick else 8]
         self.test = bench.test[: 8 if quick else len(bench.test)]
         self.val = bench.val[: 4 if quick else len(bench.val)]
@@ -178,7 +181,9 @@ class Variants:
                 facts = {"prune_seconds": report.seconds,
                          "layers": {layer.name: [layer.units_before, layer.units_after] for layer in report.layers},
                          "refused": {r.name: r.reason for r in report.refused}}
-            facts["params"] = sum(t.numel() for t in gm.state_dict().values())
+            facts["params"] = count_parameters(gm)
+            if method == "magnitude":
+                facts["params_nonzero"] = facts["params"] - result.zeroed
             facts["flops"] = count_forward_flops(gm, self.bench.example_inputs) / batch
             self.pruned[name] = (gm, facts)
         return self.pruned[name]
@@ -230,6 +235,14 @@ class Variants:
             return selected_on_test(self.bench, gm, self.test, self.quick)
         return cached_json(self.key("ts", method, fraction), self.fresh, compute)
 
+    def has_fine_tune(self, method: str, fraction: float) -> bool:
+        return self.has("ft", method, fraction)
+
+    def has(self, kind: str, method: str, fraction: float) -> bool:
+        """Whether the cache holds job ``kind`` (``ft``, ``xp``, ``ts``) for this pair (never, with --fresh)."""
+        suffix = ".pt" if kind == "ft" else ".json"
+        return _cache_path(self.key(kind, method, fraction), suffix).exists() and not self.fresh
+
 
 def _max_evals(quick: bool) -> int:
     return 2 if quick else 10
@@ -247,8 +260,8 @@ def calibrated(bench: Benchmark, gm: fx.GraphModule, val: list[Any], test: list[
         result = evaluate(analysis.compile(plan), test, bench.metric)
         out.update({f"reduction_{key}": result.reduction, f"drop_{key}": base.score - result.score,
                     f"val_reduction_{key}": plan.meta["calibration"]["reduction"],
-                    f"calib_seconds": plan.meta["calibration"]["seconds"],
-                    f"calib_evals": plan.meta["calibration"]["evals"], f"plan_{key}": plan.to_dict()})
+                    "calib_seconds": plan.meta["calibration"]["seconds"],
+                    "calib_evals": plan.meta["calibration"]["evals"], f"plan_{key}": plan.to_dict()})
     return out
 
 
@@ -287,15 +300,15 @@ def pairs(quick: bool) -> list[tuple[str, float]]:
     return methods + [("magnitude", s) for s in SPARSITIES]
 
 
-def base_records(v: Variants, quick: bool) -> list[dict[str, Any]]:
+def base_records(v: Variants, quick: bool, ft_all: bool) -> list[dict[str, Any]]:
     name = v.bench.name
-    dense_facts = {"params": sum(t.numel() for t in v.analysis.graph_module.state_dict().values()),
+    dense_facts = {"params": count_parameters(v.analysis.graph_module),
                    "flops": count_forward_flops(v.analysis.graph_module, v.bench.example_inputs)
                    / v.bench.example_inputs[0].shape[0]}
     records = [{"model": name, "method": "dense", "removed": 0.0,
                 "acc_no_ft": test_metric(v.bench, v.bench.model, v.test), "acc_ft": None, **dense_facts,
                 "analyse_seconds": v.analyse_seconds}]
-    finetuned = FINETUNED[:3] if quick else FINETUNED
+    finetuned = FINETUNED + tuple(p for p in FINETUNED_OPTIONAL if ft_all or v.has_fine_tune(*p))
     for method, fraction in pairs(quick):
         gm, facts = v.one_shot(method, fraction)
         record = {"model": name, "method": method, "removed": fraction,
@@ -313,8 +326,12 @@ def composed_records(v: Variants, records: list[dict[str, Any]]) -> list[dict[st
     out = []
     for method, fraction in COMPOSED:
         base = next(r for r in records if r["method"] == method and r["removed"] == fraction)
+        if v.cached_only and not v.has("xp", method, fraction):
+            logger.warning("%s: no cached ExPrune calibration (--cached-only): record skipped", tag(method, fraction))
+            continue
         xp = {k: val for k, val in v.exprune(method, fraction).items() if not k.startswith("plan_")}
-        ts = v.test_selected(method, fraction)
+        ts = v.test_selected(method, fraction) if not v.cached_only or v.has("ts", method, fraction) else \
+            {f"test_selected_{m}_{k}": None for m in ("reduction", "drop") for _, k in BUDGETS}
         accuracy = base["acc_ft"] if xp["exprune_on"] == "fine-tuned" else base["acc_no_ft"]
         out.append({"model": v.bench.name, "method": f"{method}+exprune", "removed": fraction,
                     "acc_no_ft": base["acc_no_ft"], "acc_ft": base["acc_ft"], "params": base["params"],
@@ -353,20 +370,25 @@ def measure_latency(v: Variants, records: list[dict[str, Any]], quick: bool) -> 
             r[f"speedup_b{size}"] = timed[size]["dense"] / timed[size][name]
     return {"eager_latency_b1_s": timed[1]["eager"], "eager_latency_b64_s": timed[64]["eager"],
             "round8": {name: {"latency_b1_s": timed[1][name], "latency_b64_s": timed[64][name],
-                              "params": sum(t.numel() for t in gm.state_dict().values()),
+                              "params": count_parameters(gm),
                               "layers": v.one_shot("snp", ROUND_RATIO, 8 if name.endswith("r8") else 1)[1]
                               .get("layers") if name != "snp@0.5" else v.one_shot("snp", 0.5)[1]["layers"]}
                        for name, gm in rounding.items()}}
 
 
-def measure(name: str, quick: bool, ft_steps: int, fresh: bool, jobs: list[str] | None) -> list[dict[str, Any]]:
+def measure(name: str, quick: bool, ft_steps: int, fresh: bool, jobs: list[str] | None,
+            ft_all: bool, cached_only: bool, compose_only: bool = False) -> list[dict[str, Any]]:
     bench = BENCHMARKS[name]()
-    v = Variants(bench, quick, ft_steps, fresh)
+    v = Variants(bench, quick, ft_steps, fresh, cached_only)
     if jobs:
         warm(v, jobs)
         return []
+    if compose_only:  # the last full run's records, with the ExPrune compositions rebuilt from the cache
+        previous = json.loads((out_dir(quick) / "static.json").read_text())
+        records = [r for r in previous if r["model"] == name and "+" not in r["method"]]
+        return records + composed_records(v, records)
     started = time.perf_counter()
-    records = base_records(v, quick)
+    records = base_records(v, quick, ft_all)
     extra = measure_latency(v, records, quick)
     records += composed_records(v, records)
     for r in records:
@@ -388,6 +410,10 @@ def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _cell(reduction: float | None, drop: float | None) -> str:
+    return "not measured" if reduction is None or drop is None else f"{100 * reduction:.1f}% ({100 * drop:+.2f})"
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     for model in dict.fromkeys(r["model"] for r in records):
@@ -404,7 +430,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
                                                                                        r["removed"], r["method"])):
             removed = f"{r['removed']:.0%}" + (" of weights" if r["method"] == "magnitude" else "")
             lines.append(f"| {removed} | {r['method']} | {_acc(r['acc_no_ft'])} | {_acc(r['acc_ft'])} | "
-                         f"{r['params'] / dense['params']:.1%} | {r['flops'] / dense['flops']:.1%} | "
+                         f"{r.get('params_nonzero', r['params']) / dense['params']:.1%} | "
+                         f"{r['flops'] / dense['flops']:.1%} | "
                          f"{_x(r['speedup_b1'])} | {_x(r['speedup_b64'])} | {r['prune_seconds']:.1f} |")
         lines += ["", "ExPrune composed (reduction of executed FLOPs relative to the pruned model; drop in points "
                   "vs the pruned model, on test):", "",
@@ -412,14 +439,19 @@ def markdown(records: list[dict[str, Any]]) -> str:
                   "≤0.1 pt: test-selected | ≤1 pt: test-selected | total FLOPs at ≤1 pt vs dense |",
                   "|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if "+" in r["method"]):
-            cells = [f"{100 * r[f'{p}reduction_{k}']:.1f}% ({100 * r[f'{p}drop_{k}']:+.2f})"
+            cells = [_cell(r.get(f"{p}reduction_{k}"), r.get(f"{p}drop_{k}"))
                      for p, k in (("", "0p1"), ("", "1p0"), ("test_selected_", "0p1"), ("test_selected_", "1p0"))]
             lines.append(f"| {r['exprune_on']} {tag(r['method'].split('+')[0], r['removed'])} | "
                          f"{r['base_accuracy']:.4f} | " + " | ".join(cells) +
                          f" | {r['flops_executed_1p0'] / dense['flops']:.1%} |")
+        lines += [""] + [f"- {r['method']}: {r['note']}" for r in rows if "+" in r["method"]]
+        if any("+" in r["method"] and r.get("test_selected_reduction_1p0") is None for r in rows):
+            lines.append("- not measured: the test-selected calibration was not in the cache (--cached-only); "
+                         "run `--warm ts:<method>@<fraction>` to fill it.")
         if "round8" in dense:
             lines += ["", f"Rounding kept channels to a multiple of 8 (SNP, {ROUND_RATIO:.0%} removed; median "
-                      "latency, interleaved):", "", "| variant | kept per layer | b1 ms | b64 ms |", "|---|---|---|---|"]
+                      "latency, interleaved):", "", "| variant | kept per layer | b1 ms | b64 ms |",
+                      "|---|---|---|---|"]
             for name, facts in dense["round8"].items():
                 kept = ", ".join(str(after) for _, after in facts["layers"].values())
                 lines.append(f"| {name} | {kept} | {facts['latency_b1_s'] * 1e3:.2f} | "
@@ -427,8 +459,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines += ["", f"- {dense['note']}",
                   "- FT: one fine-tune per row (steps, batch and lr in static.json), SGD with Nesterov momentum, "
                   "cosine lr, flips and shifts, on the training split; magnitude keeps its zeros.",
-                  "- Magnitude: global over every conv/linear weight of the BN-folded graph; no FLOP is removed "
-                  "(dense kernels), so its speedups are ~1x.",
+                  "- Magnitude: global over every conv/linear weight of the BN-folded graph; params column: non-zero "
+                  "weights; no FLOP is removed (dense kernels), so its FLOPs are 100% and its speedups ~1x.",
                   "- Paper (ExPrune on ~98%-sparse magnitude-pruned CIFAR VGG-11): +10.24–11.11% (negligible) "
                   "and +13.91–14.39% (≤1%), test-selected.", ""]
     return "\n".join(lines)
@@ -468,6 +500,11 @@ def plot(records: list[dict[str, Any]], path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def out_dir(quick: bool) -> Path:
+    """Where the table goes: benchmarks/results/, or benchmarks/results/quick/ for --quick."""
+    return RESULTS / "quick" if quick else RESULTS
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["vgg11"], choices=["vgg11", "resnet18"])
@@ -476,6 +513,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps (default: 1 epoch, 430)")
     parser.add_argument("--fresh", action="store_true", help="ignore the fine-tune and calibration cache")
     parser.add_argument("--warm", nargs="*", default=None, help="only fill the cache for these jobs")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="compose ExPrune only where its calibration is cached; test-selected null where not")
+    parser.add_argument("--compose-only", action="store_true",
+                        help="reuse the last static.json's rows; rebuild only the +exprune records (from the cache)")
+    parser.add_argument("--ft-all", action="store_true",
+                        help="also fine-tune FINETUNED_OPTIONAL (default: only where the cache has them)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("exfx").setLevel(logging.WARNING)
@@ -485,19 +528,20 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict[str, Any]] = []
     for name in args.models:
         try:
-            records += measure(name, args.quick, ft_steps, args.fresh, args.warm)
+            records += measure(name, args.quick, ft_steps, args.fresh, args.warm, args.ft_all,
+                               args.cached_only, args.compose_only)
         except FileNotFoundError as err:
-            logger.warning("skipping %s: %s (train it with `%s`)", name, err, TRAIN_COMMANDS[name])
+            logger.warning("skipping %s: no trained checkpoint (%s)", name, err)
     if args.warm is not None or not records:
         return
-    out_dir = RESULTS / "quick" if args.quick else RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "static.json").write_text(json.dumps(records, indent=1) + "\n")
-    (out_dir / "static.md").write_text(markdown(records))
+    folder = out_dir(args.quick)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "static.json").write_text(json.dumps(records, indent=1) + "\n")
+    (folder / "static.md").write_text(markdown(records))
     for model in dict.fromkeys(r["model"] for r in records):
-        plot(records, out_dir / f"static_{model}.png", model)
+        plot(records, folder / f"static_{model}.png", model)
     print(markdown(records))
-    print(f"wrote {out_dir / 'static.json'}, static.md, static_<model>.png")
+    print(f"wrote {folder / 'static.json'}, static.md, static_<model>.png")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from exfx.meta import SiteMatch
 from exfx.passes.snp_pass import prune
 from exfx.report import Report, SiteInfo
 from exfx.snp import PruneError, PruneReport, PruneWarning
+from exfx.snp.finetune import finetune
+from exfx.snp.magnitude import magnitude_prune
 from exfx.tune.calibration import calibrate, calibrate_budgets
 from exfx.tune.evaluation import Evaluation, evaluate, oracle
 from exfx.tune.search import random_search
@@ -76,6 +78,8 @@ __all__ = [
     "count_flops",
     "evaluate",
     "explain",
+    "finetune",
+    "magnitude_prune",
     "oracle",
     "prune",
     "random_search",

@@ -45,7 +45,8 @@ from exfx.compiled import CompiledModule
 from exfx.config import Config, Plan, SiteParams
 from exfx.errors import UnsupportedModelError
 from exfx.meta import REPORT_KEY, SiteMatch
-from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass
+from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass, LowerPass
+from exfx.passes.lower_pass import check_lowering, lowering_rows, native_blocker, planned_keep
 from exfx.report import Report, SiteInfo, find_site
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class Analysis:
         return Report(sites=[SiteInfo.from_match(s, params.get(s.name)) for s in self.sites],
                       groups={name: list(axes) for name, axes in self.groups.groups.items()}, model=self.model_name)
 
-    def compile(self, plan: PlanLike = None, *, config: Config | None = None) -> CompiledModule:
+    def compile(self, plan: PlanLike = None, *, config: Config | None = None,
+                lowering: str = "reference") -> CompiledModule:
         """The model rewritten for ``plan``: a plan, a plan file's path, or a config (default ``Config()``).
 
         A plan overrides ``config`` at the sites it names. Each call rewrites a
@@ -112,12 +114,31 @@ class Analysis:
         :class:`~exfx.compiled.CompiledModule` whose ``meta["exfx_report"]`` is the
         :class:`~exfx.report.Report` of what was done.
 
+        ``lowering="reference"`` (the default) emits the reference ops: an exact
+        FLOP simulation, slower than dense. ``lowering="native"`` runs each site in
+        the fastest correct form measured on this machine at the example inputs'
+        batch size (:class:`~exfx.passes.LowerPass`): the native early-exit kernel,
+        or plain dense where pruning does not pay or no kernel exists; the report
+        rows say which and why. Timings are cached (``$EXFX_CACHE_DIR``, default
+        ``~/.cache/exfx``); ``EXFX_FORCE_LOWERING=native|dense`` skips them.
+
         Raises:
             exfx.PlanMismatchError: ``plan`` was made for another model.
+            ValueError: ``lowering`` is not one of ``"reference"``, ``"native"``.
         """
+        check_lowering(lowering)
         report = self.explain(config, plan)
+        params = {s.name: s.params for s in report.eligible if s.params is not None}
         gm = _fresh_copy(self.graph_module)
-        EnpPass({s.name: s.params for s in report.eligible if s.params is not None})(gm)
+        if lowering == "native":
+            blocked = {name: reason for name, p in params.items() if (reason := native_blocker(self.site(name), p))}
+            EnpPass({name: p for name, p in params.items() if name not in blocked})(gm)
+            keep = planned_keep(_split_plan(plan, config)[0])
+            lower = LowerPass(self.example_inputs, keep_ratios=keep, dense_sites=blocked)
+            lower(gm)
+            report = report.with_lowering(lowering_rows(lower))
+        else:
+            EnpPass(params)(gm)
         gm.meta[REPORT_KEY] = report
         if not report.eligible:
             logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
@@ -269,7 +290,7 @@ def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> No
 def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto") -> Report:
+            capture: str = "auto", lowering: str = "reference") -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
 
     ``exfx.analyse(model, example_inputs, ...).explain(config, plan)``.
@@ -279,17 +300,28 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         config: global settings (default ``exfx.Config()``).
         plan: per-site parameters overriding ``config``: an :class:`exfx.Plan`, or
             the path of its JSON file.
+        lowering: with ``"native"``, each site's row also says whether it can be lowered
+            to a native kernel (the choice between native and dense is measured at compile time).
     """
     _check_config(config)
+    check_lowering(lowering)
     analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        hidden_inputs=hidden_inputs, capture=capture)
-    return analysis.explain(config, plan)
+    report = analysis.explain(config, plan)
+    if lowering == "reference":
+        return report
+    rows = {}
+    for s in report.eligible:
+        blocker = native_blocker(analysis.site(s.name), s.params) if s.params is not None else ""
+        rows[s.name] = ("dense", blocker) if blocker else (
+            "native|dense", "native enp_linear or dense, whichever measures faster at compile time")
+    return report.with_lowering(rows)
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto") -> CompiledModule:
+            capture: str = "auto", lowering: str = "reference") -> CompiledModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
     ``exfx.analyse(model, example_inputs, ...).compile(plan, config=config)``. The
@@ -297,7 +329,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     :class:`~exfx.compiled.CompiledModule` (a ``torch.fx.GraphModule`` that checks
     its inputs and fails with exfx errors); it runs at any batch size, and its
     ``meta["exfx_report"]`` holds the :class:`~exfx.report.Report` of what was done.
-    Arguments are as for :func:`explain`.
+    Arguments are as for :func:`explain`; ``lowering`` as for :meth:`Analysis.compile`.
 
     Raises:
         exfx.TrainingModeError: the model is in training mode.
@@ -305,9 +337,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
     _check_config(config)
+    check_lowering(lowering)
     analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        hidden_inputs=hidden_inputs, capture=capture)
-    return analysis.compile(plan, config=config)
+    return analysis.compile(plan, config=config, lowering=lowering)
 
 
 def _check_config(config: Any) -> None:

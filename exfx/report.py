@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from exfx.config import SiteParams, fingerprint
@@ -47,6 +47,9 @@ class SiteInfo:
         relu_node: the name of the ReLU node in the analysed graph.
         structurally_eligible: eligible whatever the parameters (fan-in and
             disabling aside).
+        lowering: after ``compile(..., lowering="native")``, the form the site
+            runs as (``native``, ``dense``, ``reference``); empty otherwise.
+        lowering_reason: why that form (one line), empty when ``lowering`` is.
     """
 
     name: str
@@ -60,6 +63,8 @@ class SiteInfo:
     params: SiteParams | None = None
     relu_node: str = ""
     structurally_eligible: bool = False
+    lowering: str = ""
+    lowering_reason: str = ""
 
     @classmethod
     def from_match(cls, match: SiteMatch, params: SiteParams | None = None) -> SiteInfo:
@@ -76,7 +81,8 @@ class SiteInfo:
         return {"name": self.name, "eligible": self.eligible, "reason": self.reason, "group": self.group,
                 "fan_in": self.fan_in, "samples": list(self.samples), "kind": self.kind,
                 "signature": self.signature, "relu": self.relu_node,
-                "params": self.params.to_dict() if self.params else None}
+                "params": self.params.to_dict() if self.params else None,
+                **({"lowering": self.lowering, "lowering_reason": self.lowering_reason} if self.lowering else {})}
 
 
 def _eligibility(match: SiteMatch, params: SiteParams) -> tuple[bool, str]:
@@ -135,13 +141,25 @@ class Report:
         return {"model": self.model, "fingerprint": self.fingerprint,
                 "sites": [s.to_dict() for s in self.sites], "groups": {k: list(v) for k, v in self.groups.items()}}
 
+    def with_lowering(self, choices: Mapping[str, tuple[str, str]]) -> Report:
+        """A copy whose rows named in ``choices`` (site -> ``(form, reason)``) record how they were lowered."""
+        sites = [replace(s, lowering=choices[s.name][0], lowering_reason=choices[s.name][1])
+                 if s.name in choices else s for s in self.sites]
+        return replace(self, sites=sites)
+
     def __str__(self) -> str:
+        lowered = any(s.lowering not in ("", "reference") for s in self.sites)
         header = ("site", "kind", "group", "fan-in", "samples", "rule", "eligible", "reason")
+        header = header[:-1] + ("lowering",) + header[-1:] if lowered else header
         rows = [header]
         for s in self.sites:
-            rows.append((s.name, s.kind, s.group or "-", str(s.fan_in) if s.fan_in is not None else "-",
-                         ",".join(map(str, s.samples)) if s.eligible else "-", _describe(s.params),
-                         "yes" if s.eligible else "no", s.reason))
+            row = (s.name, s.kind, s.group or "-", str(s.fan_in) if s.fan_in is not None else "-",
+                   ",".join(map(str, s.samples)) if s.eligible else "-", _describe(s.params),
+                   "yes" if s.eligible else "no", s.reason)
+            if lowered:
+                reason = "; ".join(r for r in (s.reason, s.lowering_reason) if r)
+                row = row[:-1] + (s.lowering or "-", reason)
+            rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = []
         for i, row in enumerate(rows):

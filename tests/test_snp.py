@@ -310,7 +310,7 @@ def test_kept_counts_round_to_multiples_and_never_reach_zero() -> None:
 @pytest.mark.parametrize("kwargs, field", [
     ({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"keep_variance": 0.0}, "keep_variance"),
     ({"keep_variance": 1.5}, "keep_variance"), ({}, "ratio"), ({"ratio": 0.5, "keep_variance": 0.9}, "ratio"),
-    ({"ratio": 0.5, "method": "magnitude"}, "method"), ({"ratio": 0.5, "order": "svd"}, "order"),
+    ({"ratio": 0.5, "method": "taylor"}, "method"), ({"ratio": 0.5, "order": "svd"}, "order"),
     ({"ratio": 0.5, "round_to": 0}, "round_to"), ({"ratio": 0.5, "ridge": -1.0}, "ridge"),
 ])
 def test_bad_arguments_raise_a_prune_error_naming_the_field(kwargs: dict, field: str) -> None:
@@ -352,3 +352,100 @@ def test_a_model_with_no_prunable_axis_is_returned_whole_with_the_reasons() -> N
     assert "model output" in report.refused[0].reason
     torch.testing.assert_close(_run(pruned, x), _run(model, x))
     assert report.params_after == report.params_before
+
+
+# ---------------------------------------------------------------------------
+# Magnitude pruning, composition with ExPrune, fine-tuning
+# ---------------------------------------------------------------------------
+
+
+def _weight_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    from exfx.snp.magnitude import weight_targets
+
+    return {target: gm.get_parameter(target) if target in dict(gm.named_parameters()) else gm.get_buffer(target)
+            for target in weight_targets(gm)}
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9])
+def test_magnitude_zeros_exactly_the_reported_fraction_of_the_smallest_weights(sparsity: float) -> None:
+    torch.manual_seed(0)
+    model, x = VGGish(width=8).eval(), torch.randn(4, 3, 16, 16)
+    analysis = exfx.analyse(model, (x,))
+    before = {t: w.detach().clone() for t, w in _weight_tensors(analysis.graph_module).items()}
+    sparse, report = prune(analysis, (x,), None, method="magnitude", ratio=sparsity)
+    after = _weight_tensors(sparse)
+    numel = sum(w.numel() for w in before.values())
+    zeros = sum(int((w == 0).sum()) for w in after.values())
+    assert zeros == round(sparsity * numel)
+    assert report.sparsity == pytest.approx(zeros / numel)
+    assert report.layers == () and report.flops_after == report.flops_before
+    kept = torch.cat([before[t][after[t] != 0].abs().reshape(-1) for t in before])
+    dropped = torch.cat([before[t][after[t] == 0].abs().reshape(-1) for t in before])
+    if dropped.numel():
+        assert float(dropped.max()) <= float(kept.min())
+    for target, w in after.items():  # a kept weight is unchanged; the analysed graph is untouched
+        assert torch.equal(w[w != 0], before[target][w != 0])
+        assert torch.equal(_weight_tensors(analysis.graph_module)[target], before[target])
+
+
+def test_magnitude_refuses_bad_arguments() -> None:
+    model, x = VGGish(width=8).eval(), torch.randn(4, 3, 16, 16)
+    with pytest.raises(PruneError, match="ratio="):
+        prune(model, (x,), _data((3, 16, 16)), method="magnitude", keep_variance=0.9)
+    with pytest.raises(PruneError, match="ratio="):
+        prune(model, (x,), None, method="magnitude", ratio=1.0)
+    from exfx.snp import magnitude_prune
+
+    with pytest.raises(PruneError, match="sparsity=1.5"):
+        magnitude_prune(exfx.analyse(model, (x,)), (x,), sparsity=1.5)
+
+
+def test_never_prune_exprune_on_a_magnitude_pruned_model_equals_it() -> None:
+    torch.manual_seed(0)
+    model, x = VGGish(width=8).eval(), torch.randn(6, 3, 16, 16)
+    sparse, _ = prune(model, (x,), None, method="magnitude", ratio=0.7)
+    compiled = exfx.analyse(sparse, (x,)).compile(exfx.Config(rule="ztest", alpha=0.0))
+    torch.testing.assert_close(_run(compiled, x), _run(sparse, x), rtol=1e-5, atol=1e-5)
+
+
+def test_exprune_composes_on_an_snp_pruned_model_within_budget() -> None:
+    torch.manual_seed(0)
+    model, x = VGGish(width=8).eval(), torch.randn(4, 3, 16, 16)
+    pruned, report = prune(model, (x,), _data((3, 16, 16)), ratio=0.5)
+    assert report.units_removed > 0
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(32, 3, 16, 16, generator=generator) for _ in range(2)]
+    data = [(batch, _run(pruned, batch).argmax(-1)) for batch in inputs]  # the pruned model's own labels
+
+    def agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        return float((outputs.argmax(-1) == targets).float().mean())
+
+    budget = 0.05
+    plan = exfx.calibrate(pruned, (x,), data, agreement, budget, max_evals=2)
+    compiled = exfx.analyse(pruned, (x,)).compile(plan)
+    score = sum(agreement(_run(compiled, b), t) * len(t) for b, t in data) / sum(len(t) for _, t in data)
+    assert 1.0 - score <= budget + 1e-9
+    assert plan.meta["calibration"]["reduction"] >= 0.0
+
+
+def test_finetune_lowers_the_loss_keeps_masks_and_restores_the_module() -> None:
+    from exfx.snp.finetune import finetune
+
+    torch.manual_seed(0)
+    model, x = VGGish(width=8).eval(), torch.randn(4, 3, 16, 16)
+    sparse, _ = prune(model, (x,), None, method="magnitude", ratio=0.5)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 16, 16, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+            for _ in range(2)]
+    frozen = {name: p.requires_grad for name, p in sparse.named_parameters()}
+    result = finetune(sparse, data, steps=30, lr=0.05, keep_zeros=True)
+    assert result.steps == 30 and result.examples == 30 * 16
+    assert result.final_loss < result.first_loss
+    zeros = sum(int((w == 0).sum()) for w in _weight_tensors(sparse).values())
+    assert zeros == round(0.5 * sum(w.numel() for w in _weight_tensors(sparse).values()))
+    assert not sparse.training
+    assert {name: p.requires_grad for name, p in sparse.named_parameters()} == frozen
+    with pytest.raises(PruneError, match="steps=0"):
+        finetune(sparse, data, steps=0)
+    with pytest.raises(PruneError, match="optimiser='lbfgs'"):
+        finetune(sparse, data, steps=1, optimiser="lbfgs")

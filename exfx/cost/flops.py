@@ -120,23 +120,14 @@ _CONSUMERS: contextvars.ContextVar[dict[str, SiteFlops] | None] = contextvars.Co
 
 
 @contextlib.contextmanager
-def _site_accounting() -> Iterator[dict[str, SiteFlops]]:
-    sites: dict[str, SiteFlops] = {}
-    token = _SITES.set(sites)
+def _accounting(table: contextvars.ContextVar[dict[str, SiteFlops] | None]) -> Iterator[dict[str, SiteFlops]]:
+    """Collect per-site figures in a fresh dict for the duration of the block (this context only)."""
+    figures: dict[str, SiteFlops] = {}
+    token = table.set(figures)
     try:
-        yield sites
+        yield figures
     finally:
-        _SITES.reset(token)
-
-
-@contextlib.contextmanager
-def _consumer_accounting() -> Iterator[dict[str, SiteFlops]]:
-    consumers: dict[str, SiteFlops] = {}
-    token = _CONSUMERS.set(consumers)
-    try:
-        yield consumers
-    finally:
-        _CONSUMERS.reset(token)
+        table.reset(token)
 
 
 def _record(site: str, *, table: contextvars.ContextVar[dict[str, SiteFlops] | None] = _SITES,
@@ -232,7 +223,7 @@ def register_native_flop_formulas() -> bool:
 def run_counting(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> tuple[Any, FlopReport]:
     """Run ``module(*inputs, **kwargs)`` once; return its output and a :class:`FlopReport`."""
     register_native_flop_formulas()
-    with (torch.no_grad(), _site_accounting() as sites, _consumer_accounting() as consumers,
+    with (torch.no_grad(), _accounting(_SITES) as sites, _accounting(_CONSUMERS) as consumers,
           FlopCounterMode(display=False) as counter):
         output = module(*inputs, **kwargs)
     executed = int(counter.get_total_flops())

@@ -252,7 +252,8 @@ class LatencyModel:
     Args:
         cache: where medians are kept; None for the default file, ``False`` for no cache.
         repeats: timed calls per candidate, interleaved (after one warm-up call each).
-        force: ``"native"``/``"dense"`` (or any candidate name) to skip timing; default ``$EXFX_FORCE_LOWERING``.
+        force: skip timing: a candidate's name picks it, the baseline's name picks the baseline, any other
+            name (``"native"``) the first non-baseline candidate; default ``$EXFX_FORCE_LOWERING``.
         margin: see :data:`WIN_MARGIN`.
 
     Example::
@@ -284,8 +285,11 @@ class LatencyModel:
         """The fastest candidate, unless it does not beat ``baseline`` by :attr:`margin` (then ``baseline``)."""
         if baseline not in candidates:
             raise ValueError(f"the baseline {baseline!r} must be one of the candidates {sorted(candidates)}")
-        if self.force is not None:
-            return Choice(self.force if self.force in candidates else baseline, forced=True)
+        if self.force is not None:  # the named candidate; any other name but the baseline means "not dense"
+            others = [form for form in candidates if form != baseline]
+            forced = self.force if self.force in candidates else (
+                others[0] if others and self.force != baseline else baseline)
+            return Choice(forced, forced=True)
         timings = self.measure(key, candidates)
         best = min((form for form in candidates if form != baseline), key=lambda f: timings[f], default=baseline)
         chosen = best if timings[best] <= self.margin * timings[baseline] else baseline

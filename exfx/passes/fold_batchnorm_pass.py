@@ -36,6 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from exfx.analysis.opsets import is_producer
 from exfx.meta import producer_name
+from exfx.passes.attributes import free_bias_target, owner_of
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class FoldBatchNormPass(PassBase):
         new_bias = (old_bias * scale + shift).to(weight.dtype)
         _assign(gm, str(weight_node.target), new_weight)
         if bias_node is None:
-            bias_target = _new_bias_target(gm, str(weight_node.target))
+            bias_target = free_bias_target(gm, str(weight_node.target), "_folded_bias")
             _assign(gm, bias_target, new_bias)
             with gm.graph.inserting_before(producer):
                 bias_node = gm.graph.get_attr(bias_target)
@@ -151,31 +152,9 @@ def _batchnorm_stats(gm: fx.GraphModule, node: fx.Node) -> _BatchNormStats | Non
     return None
 
 
-def _owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
-    *path, leaf = target.split(".")
-    owner: Any = gm
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
-
-
-def _new_bias_target(gm: fx.GraphModule, weight_target: str) -> str:
-    """``conv.weight`` -> ``conv.bias`` when that slot is empty, else a fresh ``..._folded_bias`` name."""
-    if weight_target.endswith(".weight"):
-        candidate = weight_target[: -len(".weight")] + ".bias"
-        owner, leaf = _owner(gm, candidate)
-        if getattr(owner, leaf, None) is None:
-            return candidate
-    candidate, index = f"{weight_target}_folded_bias", 0
-    while hasattr(_owner(gm, candidate)[0], _owner(gm, candidate)[1]):
-        index += 1
-        candidate = f"{weight_target}_folded_bias{index}"
-    return candidate
-
-
 def _assign(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Replace (or create) a parameter or buffer of exfx's private copy of the model."""
-    owner, leaf = _owner(gm, target)
+    owner, leaf = owner_of(gm, target)
     if leaf in owner._buffers:
         owner._buffers[leaf] = value
     elif leaf in owner._parameters or not hasattr(owner, leaf):

@@ -22,7 +22,9 @@
 
 Baselines use the same physical removal: ``l1`` (largest producer-row L1 norms
 kept, no fold), ``random`` (seeded) and ``bias_fold`` (lowest-L1 units removed,
-their mean folded into the consumer bias).
+their mean folded into the consumer bias). ``magnitude`` is the unstructured
+comparison: global smallest-|w| masks over every linear/conv weight, nothing
+removed (:mod:`exfx.snp.magnitude`).
 
 Why the rewrite is safe: only ``get_attr`` tensors change, and along exactly the
 axes of one exchangeable group, so every shape stays consistent; the graph is
@@ -63,6 +65,7 @@ from exfx.analysis.axes import AxisGroups
 from exfx.api import analyse
 from exfx.capture import normalise_inputs
 from exfx.meta import GROUPS_KEY, SITE_KEY
+from exfx.passes.attributes import free_bias_target, owner_of
 from exfx.snp.errors import PruneError, PruneWarning
 from exfx.snp.layers import ConsumerSlot, PrunableLayer, find_prunable_layers
 from exfx.snp.magnitude import magnitude_prune
@@ -119,22 +122,14 @@ class LayerEdit:
 # ---------------------------------------------------------------------------
 
 
-def _owner(gm: torch.nn.Module, target: str) -> tuple[Any, str]:
-    *path, leaf = target.split(".")
-    owner: Any = gm
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
-
-
 def _read(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, leaf = _owner(gm, target)
+    owner, leaf = owner_of(gm, target)
     return getattr(owner, leaf)
 
 
 def _write(gm: torch.nn.Module, target: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
     """Replace (or create) the tensor at ``target``: a parameter stays a parameter, a buffer a buffer."""
-    owner, leaf = _owner(gm, target)
+    owner, leaf = owner_of(gm, target)
     dtype = like.dtype if like is not None else value.dtype
     value = value.to(dtype).contiguous()
     if leaf in owner._buffers:
@@ -142,20 +137,6 @@ def _write(gm: torch.nn.Module, target: str, value: torch.Tensor, like: torch.Te
     else:
         grad = bool(like.requires_grad) if isinstance(like, torch.nn.Parameter) else False
         owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=grad))
-
-
-def _free_bias_target(gm: torch.nn.Module, weight_target: str) -> str:
-    """``conv.weight`` -> ``conv.bias`` when that slot is empty, else ``conv.weight_snp_bias`` (deterministic)."""
-    if weight_target.endswith(".weight"):
-        candidate = weight_target[: -len(".weight")] + ".bias"
-        owner, leaf = _owner(gm, candidate)
-        if getattr(owner, leaf, None) is None:
-            return candidate
-    candidate, index = f"{weight_target}_snp_bias", 0
-    while hasattr(*_owner(gm, candidate)):
-        index += 1
-        candidate = f"{weight_target}_snp_bias{index}"
-    return candidate
 
 
 class SnpPass(PassBase):
@@ -237,7 +218,7 @@ class SnpPass(PassBase):
 
     def _new_bias(self, gm: fx.GraphModule, slot: ConsumerSlot) -> str:
         """Give a bias-less consumer a zero bias ``get_attr`` (so it can receive the folded constant)."""
-        target = _free_bias_target(gm, slot.weight)
+        target = free_bias_target(gm, slot.weight, "_snp_bias")
         node = next(n for n in gm.graph.nodes if n.name == slot.node)
         weight = _read(gm, slot.weight)
         _write(gm, target, torch.zeros(weight.shape[0], dtype=weight.dtype), weight)

@@ -113,7 +113,7 @@ def apply_magnitude_masks(gm: fx.GraphModule, targets: Sequence[str], sparsity: 
     """Zero the ``round(sparsity * N)`` smallest-|w| entries of ``targets`` together, in place; the count zeroed."""
     tensors = [_tensor(gm, target) for target in targets]
     flat = torch.cat([t.detach().reshape(-1).abs().to(torch.float64) for t in tensors])
-    count = int(round(sparsity * flat.numel()))
+    count = round(sparsity * flat.numel())
     if count == 0:
         return 0
     order = torch.sort(flat, stable=True).indices[:count]

@@ -1,0 +1,36 @@
+"""Reading and placing the tensors a rewriting pass gives a GraphModule (folded weights, new biases).
+
+Not a pass: the helpers :mod:`.fold_batchnorm_pass` and :mod:`.snp_pass` share, so
+both name new parameters the same deterministic way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["owner_of", "free_bias_target"]
+
+
+def owner_of(gm: torch.nn.Module, target: str) -> tuple[Any, str]:
+    """The submodule that holds the dotted attribute ``target``, and the attribute's own name."""
+    *path, leaf = target.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def free_bias_target(gm: torch.nn.Module, weight_target: str, suffix: str) -> str:
+    """``conv.weight`` -> ``conv.bias`` when that slot is empty, else the first free ``<weight><suffix>[N]``."""
+    if weight_target.endswith(".weight"):
+        candidate = weight_target[: -len(".weight")] + ".bias"
+        owner, leaf = owner_of(gm, candidate)
+        if getattr(owner, leaf, None) is None:
+            return candidate
+    candidate, index = f"{weight_target}{suffix}", 0
+    while hasattr(*owner_of(gm, candidate)):
+        index += 1
+        candidate = f"{weight_target}{suffix}{index}"
+    return candidate
