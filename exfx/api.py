@@ -42,7 +42,7 @@ from exfx.analysis.axes import AxisGroups
 from exfx.capture import TRACE_LOCK, normalise_inputs
 from exfx.capture import capture as capture_model
 from exfx.compiled import CompiledModule
-from exfx.config import Config, Plan, SiteParams
+from exfx.config import Config, Plan, SiteParams, fingerprint
 from exfx.errors import UnsupportedModelError
 from exfx.meta import REPORT_KEY, SiteMatch
 from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass, LowerPass
@@ -86,12 +86,12 @@ class Analysis:
     @property
     def signatures(self) -> dict[str, str]:
         """Shape signatures of the structurally eligible sites: what a plan is checked against."""
-        return self.report.signatures
+        return {s.name: s.signature for s in self.sites if s.eligible}
 
     @property
     def fingerprint(self) -> str:
         """The hash of :attr:`signatures` that a plan made for this model carries."""
-        return self.report.fingerprint
+        return fingerprint(self.signatures)
 
     @property
     def report(self) -> Report:
@@ -127,14 +127,14 @@ class Analysis:
             ValueError: ``lowering`` is not one of ``"reference"``, ``"native"``.
         """
         check_lowering(lowering)
+        plan, config = _split_plan(plan, config)  # once: a plan file is read once
         report = self.explain(config, plan)
         params = {s.name: s.params for s in report.eligible if s.params is not None}
         gm = _fresh_copy(self.graph_module)
         if lowering == "native":
             blocked = {name: reason for name, p in params.items() if (reason := native_blocker(self.site(name), p))}
             EnpPass({name: p for name, p in params.items() if name not in blocked})(gm)
-            keep = planned_keep(_split_plan(plan, config)[0])
-            lower = LowerPass(self.example_inputs, keep_ratios=keep, dense_sites=blocked)
+            lower = LowerPass(self.example_inputs, keep_ratios=planned_keep(plan), dense_sites=blocked)
             lower(gm)
             report = report.with_lowering(lowering_rows(lower))
         else:
