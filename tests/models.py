@@ -156,3 +156,93 @@ class OPTBlockLM(nn.Module):
             h = h + blk["out"](att.transpose(1, 2).reshape(b, t, d))
             h = h + blk["fc2"](F.relu(blk["fc1"](blk["ln2"](h))))
         return self.lm_head(self.ln_f(h))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC layer: BN-ReLU-conv1x1 (bottleneck) then BN-ReLU-conv3x3; the caller concatenates."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class DenseNetish(nn.Module):
+    """A DenseNet-style CNN: every dense layer's 1x1 conv contracts over a concat of all earlier features."""
+
+    def __init__(self, stem: int = 16, growth: int = 8, layers: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+        self.block = nn.ModuleList(DenseLayer(stem + i * growth, growth) for i in range(layers))
+        width = stem + layers * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width // 2, 1, bias=False),
+                                        nn.AvgPool2d(2))
+        self.norm = nn.BatchNorm2d(width // 2)
+        self.fc = nn.Linear(width // 2, classes)
+        randomise_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)
+        for layer in self.block:
+            features = torch.cat([features, layer(features)], 1)
+        out = F.relu(self.norm(self.transition(features)))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-V2 block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 linear projection; optional
+    MobileNet-V3 squeeze-excitation gate (ReLU, Hardsigmoid) on the expanded features."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4, se: bool = False) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(),
+                                nn.Conv2d(hidden // 4, hidden, 1), nn.Hardsigmoid()) if se else None
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(self.expand(x))
+        if self.se is not None:
+            h = h * self.se(h)
+        out = self.project(h)
+        return x + out if self.residual else out
+
+
+class MobileNetV2ish(nn.Module):
+    """A MobileNet-V2-style CNN (ReLU6 everywhere), with one V3-style squeeze-excitation block."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(width, width), InvertedResidual(width, 2 * width, 2),
+                                    InvertedResidual(2 * width, 2 * width, se=True))
+        self.head = nn.Sequential(nn.Conv2d(2 * width, 8 * width, 1, bias=False), nn.BatchNorm2d(8 * width),
+                                  nn.ReLU6())
+        self.fc = nn.Linear(8 * width, classes)
+        randomise_bn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.blocks(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class TransformerEncoderClassifier(nn.Module):
+    """Embedding, PyTorch's own ``nn.TransformerEncoder`` (ReLU FFN, eval fast path available), mean, head."""
+
+    def __init__(self, vocab: int = 100, d: int = 64, heads: int = 4, ffn: int = 256, layers: int = 2,
+                 classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
