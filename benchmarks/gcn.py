@@ -10,7 +10,9 @@ Why it is written this way:
 
 - **Aggregate, then transform.** ``GCNConv`` computes ``A (X W)``; this model computes ``(A X) W``,
   the same function. exfx puts an early-exit site on a linear that directly feeds a ReLU (an eval-mode
-  BatchNorm in between is folded into the linear), so the linear must come last in each layer.
+  BatchNorm in between is folded into the linear), so the linear must come last in each layer. exfx now
+  also carries partial sums through message passing, so :class:`GCNConvGCN`, the same function written with
+  ``GCNConv`` (transform, then aggregate) and loading the same checkpoint, has a site per layer too.
 - **Two spellings of the aggregation, one function.** ``aggregation="sparse"`` (the default, used for
   training) computes ``adj @ h`` with ``adj`` the normalised adjacency ``D^-1/2 (A + I) D^-1/2`` as a
   sparse CSR tensor (rows are target nodes): on one CPU thread it is about 7x faster, forward and
@@ -39,7 +41,8 @@ from torch import Tensor, nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import to_torch_csr_tensor
 
-__all__ = ["GCN", "Aggregation", "gather_aggregate", "mean_pool", "normalized_adjacency", "normalized_edges"]
+__all__ = ["GCN", "GCNConvGCN", "Aggregation", "gather_aggregate", "mean_pool", "normalized_adjacency",
+           "normalized_edges"]
 
 Aggregation = Literal["sparse", "gather"]
 
@@ -111,3 +114,55 @@ class GCN(nn.Module):
             for layer in self.layers:
                 h = layer(gather_aggregate(h, src, dst, weight))
         return self.head(mean_pool(h, batch))
+
+
+class GCNConvGCN(nn.Module):
+    """The benchmark :class:`GCN` spelled with PyTorch Geometric's ``GCNConv``: the same function, inference only.
+
+    ``GCNConv`` transforms, then aggregates: ``A (h W) + b``, with the bias added after the aggregation. Each
+    layer of :class:`GCN` computes ``BN(A h W_l + b_l)`` in eval mode, and an eval BatchNorm is a per-feature
+    affine map ``y -> s * (y - mean) + beta`` (``s = gamma / sqrt(var + eps)``), which commutes with the
+    aggregation (``A`` acts on rows, ``s`` on columns). So the layer is ``A h W + b`` with ``W = s * W_l`` (row
+    ``i`` of the ``(out, in)`` weight scaled by ``s_i``) and ``b = s * (b_l - mean) + beta``: one ``GCNConv``.
+    :meth:`load_gcn_state_dict` folds a :class:`GCN` checkpoint that way (``GCNConv`` normalises with the same
+    ``gcn_norm``, self-loops added), so both spellings give the same outputs up to float reassociation.
+    Because the BatchNorm statistics are folded in, this spelling cannot be trained; train :class:`GCN`.
+
+    exfx carries each ReLU's partial sums through ``GCNConv``'s message passing (gather, scale by the edge
+    weight, scatter-add), so every ``convs.<i>.lin`` is an early-exit site.
+    """
+
+    def __init__(self, in_features: int = 3, hidden: int = 300, layers: int = 5, classes: int = 10) -> None:
+        super().__init__()
+        from torch_geometric.nn import GCNConv
+
+        self.embed = nn.Linear(in_features, hidden)
+        self.convs = nn.ModuleList(GCNConv(hidden, hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor) -> Tensor:
+        h = self.embed(x)
+        for conv in self.convs:
+            h = torch.relu(conv(h, edge_index))
+        return self.head(mean_pool(h, batch))
+
+    @classmethod
+    def from_gcn(cls, model: GCN) -> GCNConvGCN:
+        """This spelling of ``model`` (its weights and eval BatchNorm statistics folded in), in eval mode."""
+        layer = model.layers[0]
+        spelled = cls(model.embed.in_features, model.embed.out_features, len(model.layers), model.head.out_features)
+        spelled.load_gcn_state_dict(model.state_dict(), eps=layer.norm.eps)
+        return spelled.eval()
+
+    def load_gcn_state_dict(self, state: dict[str, Tensor], eps: float = 1e-5) -> None:
+        """Load a :class:`GCN` state dict (e.g. a training checkpoint's ``state_dict``), folding each layer's
+        BatchNorm (``eps`` as in :class:`GCN`'s ``BatchNorm1d``) into its ``GCNConv`` (see the class docstring)."""
+        with torch.no_grad():
+            for name in ("embed.weight", "embed.bias", "head.weight", "head.bias"):
+                dict(self.named_parameters())[name].copy_(state[name])
+            for i, conv in enumerate(self.convs):
+                prefix = f"layers.{i}"
+                scale = state[f"{prefix}.norm.weight"] / torch.sqrt(state[f"{prefix}.norm.running_var"] + eps)
+                conv.lin.weight.copy_(scale[:, None] * state[f"{prefix}.linear.weight"])
+                conv.bias.copy_(scale * (state[f"{prefix}.linear.bias"] - state[f"{prefix}.norm.running_mean"])
+                                + state[f"{prefix}.norm.bias"])

@@ -3,11 +3,16 @@
 Run:
     python -m benchmarks.train_lm                  # 1,100 steps; about 22 minutes on one CPU thread
     python -m benchmarks.train_lm --steps 200      # a quick, weaker model
+    python -m benchmarks.train_lm --tokenizer bpe8k --steps 900   # 8k BPE vocabulary (benchmarks.bpe_data)
 
 The model is ``transformers``' ``OPTForCausalLM`` with ReLU feed-forward layers (the architecture ExPrune
 prunes), small enough to train on one CPU thread: tokens are bytes (see ``benchmarks.text_data``), so there is no
 tokenizer download. Training samples random windows of the train split (AdamW, linear warmup then cosine decay,
 seeded); validation and test are the first ``EVAL_SEQUENCES`` non-overlapping windows of their splits.
+
+With ``--tokenizer bpe8k`` the tokens are an 8,192-entry byte-level BPE trained on the train split
+(``benchmarks.bpe_data``), windows are 128 BPE tokens, and the checkpoint is ``opt-lm-bpe8k.pt``; its larger head
+is the workload of dominance prediction (``benchmarks.dominance_head``).
 
 The checkpoint goes to ``benchmarks/checkpoints/opt-lm.pt`` (a cache, not committed); ``load_trained()`` returns
 the eval-mode ``LogitsOnly`` wrapper that exfx compiles. Training is seeded; on CPU, thread scheduling can still
@@ -28,14 +33,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.text_data import VOCAB_SIZE, lm_batches, random_windows, split_files, split_tokens
+from benchmarks.text_data import VOCAB_SIZE, split_files, split_tokens
 
-__all__ = ["CHECKPOINT", "EVAL_SEQUENCES", "LogitsOnly", "TrainSettings", "build_model", "evaluate",
-           "load_trained", "main", "model_config", "next_token_accuracy", "perplexity", "train"]
+__all__ = ["BPE_CHECKPOINT", "CHECKPOINT", "EVAL_SEQUENCES", "TOKENIZERS", "LogitsOnly", "TrainSettings",
+           "build_model", "evaluate", "load_trained", "main", "model_config", "next_token_accuracy", "perplexity",
+           "train"]
 
 logger = logging.getLogger("benchmarks.train_lm")
 
 CHECKPOINT = Path(__file__).parent / "checkpoints" / "opt-lm.pt"
+BPE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "opt-lm-bpe8k.pt"
+TOKENIZERS = ("byte", "bpe8k")
 TRAIN_COMMAND = "python -m benchmarks.train_lm"
 SEQ_LEN = 128
 EVAL_SEQUENCES = 256  # per split: 256 windows x 128 bytes = 32,768 predicted bytes
@@ -55,6 +63,20 @@ class TrainSettings:
     clip: float = 1.0
     eval_every: int = 200
     seed: int = 0
+    tokenizer: str = "byte"
+
+
+def _data_module(tokenizer: str) -> Any:
+    """The module serving ``lm_batches``/``random_windows``/``VOCAB_SIZE`` for a tokenizer name."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
+    if tokenizer == "bpe8k":
+        from benchmarks import bpe_data
+
+        return bpe_data
+    from benchmarks import text_data
+
+    return text_data
 
 
 class LogitsOnly(nn.Module):
@@ -68,14 +90,16 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids).logits
 
 
-def model_config(hidden: int = 256, layers: int = 6, heads: int = 4, seq_len: int = SEQ_LEN) -> Any:
-    """An ``OPTConfig`` over byte tokens with ReLU feed-forward layers of width ``4 * hidden``.
+def model_config(hidden: int = 256, layers: int = 6, heads: int = 4, seq_len: int = SEQ_LEN,
+                 vocab_size: int = VOCAB_SIZE) -> Any:
+    """An ``OPTConfig`` over ``vocab_size`` tokens (bytes by default), ReLU feed-forward layers ``4 * hidden`` wide.
 
-    The special ids are control bytes (NUL, STX, ETX) that never occur in the reST sources; no input uses them.
+    The special ids are control bytes (NUL, STX, ETX) that never occur in the reST sources; no input uses them
+    (in the BPE vocabulary they are ``<pad>``, ``<s>``, ``</s>``, equally unused).
     """
     from transformers import OPTConfig
 
-    return OPTConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
+    return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
                      num_attention_heads=heads, max_position_embeddings=seq_len, word_embed_proj_dim=hidden,
                      activation_function="relu", dropout=0.0, attention_dropout=0.0, layerdrop=0.0,
                      pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -143,11 +167,12 @@ def train(wrapper: LogitsOnly, settings: TrainSettings) -> dict[str, float]:
     generator = torch.Generator().manual_seed(settings.seed)
     optimiser = _optimiser(wrapper, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, settings))
-    val = lm_batches("val", EVAL_SEQUENCES, settings.seq_len, EVAL_BATCH)
+    data = _data_module(settings.tokenizer)
+    val = data.lm_batches("val", EVAL_SEQUENCES, settings.seq_len, EVAL_BATCH)
     started, running = time.perf_counter(), 0.0
     for step in range(settings.steps):
         wrapper.train()
-        inputs, targets = random_windows("train", settings.batch_size, settings.seq_len, generator)
+        inputs, targets = data.random_windows("train", settings.batch_size, settings.seq_len, generator)
         loss = _step(wrapper, optimiser, inputs, targets, settings.clip)
         schedule.step()
         running = loss if step == 0 else 0.98 * running + 0.02 * loss
@@ -162,11 +187,11 @@ def train(wrapper: LogitsOnly, settings: TrainSettings) -> dict[str, float]:
     return {"train_seconds": time.perf_counter() - started}
 
 
-def _final_metrics(wrapper: LogitsOnly, seq_len: int) -> dict[str, float]:
+def _final_metrics(wrapper: LogitsOnly, seq_len: int, tokenizer: str = "byte") -> dict[str, float]:
     """Validation and test accuracy and perplexity, and how long one validation pass takes."""
     metrics: dict[str, float] = {}
     for split in ("val", "test"):
-        batches = lm_batches(split, EVAL_SEQUENCES, seq_len, EVAL_BATCH)
+        batches = _data_module(tokenizer).lm_batches(split, EVAL_SEQUENCES, seq_len, EVAL_BATCH)
         started = time.perf_counter()
         metrics[f"{split}_accuracy"], metrics[f"{split}_perplexity"] = evaluate(wrapper, batches)
         metrics[f"{split}_eval_seconds"] = time.perf_counter() - started
@@ -174,9 +199,13 @@ def _final_metrics(wrapper: LogitsOnly, seq_len: int) -> dict[str, float]:
 
 
 def load_trained(path: Path = CHECKPOINT) -> LogitsOnly:
-    """The trained model as an eval-mode ``LogitsOnly`` wrapper (input_ids (B, T) int64 -> logits (B, T, 256))."""
+    """The trained model as an eval-mode ``LogitsOnly`` wrapper (input_ids (B, T) int64 -> logits (B, T, V)).
+
+    V is 256 for the byte-level checkpoint and 8,192 for ``BPE_CHECKPOINT``.
+    """
     if not path.exists():
-        raise FileNotFoundError(f"no language-model checkpoint at {path}; train it with `{TRAIN_COMMAND}`")
+        command = TRAIN_COMMAND + (" --tokenizer bpe8k" if path == BPE_CHECKPOINT else "")
+        raise FileNotFoundError(f"no language-model checkpoint at {path}; train it with `{command}`")
     from transformers import OPTConfig
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,25 +230,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=CHECKPOINT)
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="byte",
+                        help="byte (256 tokens, the default) or bpe8k (benchmarks.bpe_data)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: per tokenizer)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     _log_data()
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             warmup=min(defaults.warmup, max(1, args.steps // 10)))
-    config = model_config(args.hidden, args.layers, args.heads)
+                             warmup=min(defaults.warmup, max(1, args.steps // 10)), tokenizer=args.tokenizer)
+    out = args.out or (BPE_CHECKPOINT if args.tokenizer == "bpe8k" else CHECKPOINT)
+    config = model_config(args.hidden, args.layers, args.heads, vocab_size=_data_module(args.tokenizer).VOCAB_SIZE)
     wrapper = LogitsOnly(build_model(config))
     logger.info("OPT %d layers x %d wide, %d heads: %d parameters; %s", args.layers, args.hidden, args.heads,
                 sum(p.numel() for p in wrapper.parameters()), settings)
     timing = train(wrapper, settings)
-    metrics = _final_metrics(wrapper, settings.seq_len)
+    metrics = _final_metrics(wrapper, settings.seq_len, settings.tokenizer)
     logger.info("trained in %.0f s; %s", timing["train_seconds"], {k: round(v, 4) for k, v in metrics.items()})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config.to_dict(), "state_dict": wrapper.model.state_dict(), "steps": settings.steps,
-                "seed": settings.seed, **{k: v for k, v in metrics.items() if not k.endswith("_seconds")}}, args.out)
-    logger.info("saved %s", args.out)
+                "seed": settings.seed, "tokenizer": settings.tokenizer,
+                **{k: v for k, v in metrics.items() if not k.endswith("_seconds")}}, out)
+    logger.info("saved %s", out)
 
 
 if __name__ == "__main__":

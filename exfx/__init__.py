@@ -27,11 +27,12 @@ from typing import Any
 from exfx import compat
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import Analysis, analyse, compile, explain
-from exfx.config import Config, Plan, SiteParams
+from exfx.config import Config, DominanceParams, Plan, SiteParams
 from exfx.cost.flops import FlopReport, SiteFlops, count_flops
 from exfx.dynamo_backend import backend
 from exfx.errors import (
     CaptureError,
+    DistributedError,
     ExfxError,
     PlanError,
     PlanMismatchError,
@@ -45,6 +46,7 @@ from exfx.snp import PruneError, PruneReport, PruneWarning
 from exfx.snp.finetune import finetune
 from exfx.snp.magnitude import magnitude_prune
 from exfx.tune.calibration import calibrate, calibrate_budgets
+from exfx.tune.distributed import shard_batches
 from exfx.tune.evaluation import Evaluation, evaluate, oracle
 from exfx.tune.search import random_search
 
@@ -54,6 +56,8 @@ __all__ = [
     "Analysis",
     "CaptureError",
     "Config",
+    "DistributedError",
+    "DominanceParams",
     "Evaluation",
     "ExfxError",
     "FlopReport",
@@ -83,6 +87,7 @@ __all__ = [
     "oracle",
     "prune",
     "random_search",
+    "shard_batches",
 ]
 
 compat.install()  # exfx 0.1's module paths (exfx.flops, exfx.calibrate, ...) keep working, with a warning

@@ -42,11 +42,13 @@ from exfx.analysis.axes import AxisGroups
 from exfx.capture import TRACE_LOCK, normalise_inputs
 from exfx.capture import capture as capture_model
 from exfx.compiled import CompiledModule
-from exfx.config import Config, Plan, SiteParams, fingerprint
-from exfx.errors import UnsupportedModelError
+from exfx.config import Config, DominanceParams, Plan, SiteParams, fingerprint
+from exfx.errors import PlanError, UnsupportedModelError
 from exfx.meta import REPORT_KEY, SiteMatch
 from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass, LowerPass
-from exfx.passes.lower_pass import check_lowering, lowering_rows, native_blocker, planned_keep
+from exfx.passes.dominance_pass import DominancePass
+from exfx.passes.enp_pass import exact_refusal
+from exfx.passes.lower_pass import EXACT_LOWERING_REASON, check_lowering, lowering_rows, native_blocker, planned_keep
 from exfx.report import Report, SiteInfo, find_site
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ class Analysis:
                       groups={name: list(axes) for name, axes in self.groups.groups.items()}, model=self.model_name)
 
     def compile(self, plan: PlanLike = None, *, config: Config | None = None,
-                lowering: str = "reference") -> CompiledModule:
+                lowering: str = "reference", dominance: DominanceParams | None = None) -> CompiledModule:
         """The model rewritten for ``plan``: a plan, a plan file's path, or a config (default ``Config()``).
 
         A plan overrides ``config`` at the sites it names. Each call rewrites a
@@ -122,8 +124,18 @@ class Analysis:
         rows say which and why. Timings are cached (``$EXFX_CACHE_DIR``, default
         ``~/.cache/exfx``); ``EXFX_FORCE_LOWERING=native|dense`` skips them.
 
+        ``dominance`` (opt-in, off by default) also rewrites the model's prediction head for dominance
+        prediction (:class:`~exfx.passes.dominance_pass.DominancePass`): the returned logits are exact for the
+        classes that may still be the top-1 and ``-inf`` for the others, so use it only where the top-1 is all
+        that is read (greedy decoding, classification), never for a loss or perplexity. It is an argument here,
+        not a :class:`Config` field, because it changes what the output means for the whole model, not how a
+        site prunes: a config is reused by calibration and plans, which must keep seeing every logit.
+
         Raises:
             exfx.PlanMismatchError: ``plan`` was made for another model.
+            exfx.UnsupportedModelError: ``dominance`` is given but the model has no head it may rewrite (the
+                message says why, e.g. the head's contraction axis is not exchangeable).
+            exfx.PlanError: ``dominance`` does not fit the head (the message names the field).
             ValueError: ``lowering`` is not one of ``"reference"``, ``"native"``.
         """
         check_lowering(lowering)
@@ -131,8 +143,12 @@ class Analysis:
         report = self.explain(config, plan)
         params = {s.name: s.params for s in report.eligible if s.params is not None}
         gm = _fresh_copy(self.graph_module)
+        if dominance is not None:  # first: the head is not a site, and LowerPass must not see it as a consumer
+            DominancePass(dominance, self.groups)(gm)
         if lowering == "native":
-            blocked = {name: reason for name, p in params.items() if (reason := native_blocker(self.site(name), p))}
+            # Exact sites stay on the reference ops (recorded by LowerPass): the exact rule has no native kernel.
+            blocked = {name: reason for name, p in params.items()
+                       if not p.exact and (reason := native_blocker(self.site(name), p))}
             EnpPass({name: p for name, p in params.items() if name not in blocked})(gm)
             lower = LowerPass(self.example_inputs, keep_ratios=planned_keep(plan), dense_sites=blocked)
             lower(gm)
@@ -145,16 +161,29 @@ class Analysis:
         return CompiledModule(gm, self.example_inputs)
 
     def _site_params(self, plan: Plan | None, config: Config) -> dict[str, SiteParams]:
-        """Every structurally eligible site's parameters: the plan's, else the config's."""
+        """Every structurally eligible site's parameters: the plan's, else the config's.
+
+        The config's ``exact`` applies only where the analysis proves the exact rule may run (elsewhere the
+        statistical rule runs alone, or, under ``rule="exact"``, the site stays dense); a plan that asks for it
+        elsewhere raises :class:`~exfx.errors.PlanError` naming the site and the reason.
+        """
         fan_ins = {s.name: s.fan_in or 0 for s in self.sites if s.eligible}
         if plan is not None:
             plan.check_against(self.signatures, fan_ins)
         chosen = plan.sites if plan is not None else {}
-        return {name: chosen.get(name) or config.site_params for name in fan_ins}
+        params = {}
+        for site in (s for s in self.sites if s.eligible):
+            given = chosen.get(site.name)
+            if given is not None and given.enabled and given.exact and not site.exact_available:
+                raise PlanError(exact_refusal(site))
+            default = config.site_params if site.exact_available else config.site_params.without_exact()
+            params[site.name] = given or default
+        return params
 
     def __repr__(self) -> str:
         eligible = sum(s.eligible for s in self.sites)
-        return (f"Analysis({self.model_name}: {len(self.sites)} ReLUs, {eligible} structurally eligible, "
+        relus = sum(s.relu_family for s in self.sites)
+        return (f"Analysis({self.model_name}: {relus} ReLUs, {eligible} structurally eligible, "
                 f"{len(self.groups.groups)} exchangeable groups)")
 
 
@@ -312,6 +341,9 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         return report
     rows = {}
     for s in report.eligible:
+        if s.params is not None and s.params.exact:
+            rows[s.name] = ("reference", EXACT_LOWERING_REASON)
+            continue
         blocker = native_blocker(analysis.site(s.name), s.params) if s.params is not None else ""
         rows[s.name] = ("dense", blocker) if blocker else (
             "native|dense", "native enp_linear or dense, whichever measures faster at compile time")
@@ -321,7 +353,8 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto", lowering: str = "reference") -> CompiledModule:
+            capture: str = "auto", lowering: str = "reference",
+            dominance: DominanceParams | None = None) -> CompiledModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
     ``exfx.analyse(model, example_inputs, ...).compile(plan, config=config)``. The
@@ -329,7 +362,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     :class:`~exfx.compiled.CompiledModule` (a ``torch.fx.GraphModule`` that checks
     its inputs and fails with exfx errors); it runs at any batch size, and its
     ``meta["exfx_report"]`` holds the :class:`~exfx.report.Report` of what was done.
-    Arguments are as for :func:`explain`; ``lowering`` as for :meth:`Analysis.compile`.
+    Arguments are as for :func:`explain`; ``lowering`` and ``dominance`` as for :meth:`Analysis.compile`.
 
     Raises:
         exfx.TrainingModeError: the model is in training mode.
@@ -338,9 +371,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     """
     _check_config(config)
     check_lowering(lowering)
+    if dominance is not None and not isinstance(dominance, DominanceParams):
+        raise TypeError(f"dominance must be an exfx.DominanceParams, got {type(dominance).__name__}")
     analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        hidden_inputs=hidden_inputs, capture=capture)
-    return analysis.compile(plan, config=config, lowering=lowering)
+    return analysis.compile(plan, config=config, lowering=lowering, dominance=dominance)
 
 
 def _check_config(config: Any) -> None:

@@ -31,12 +31,17 @@ from exfx.errors import PlanError, PlanMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Config", "SiteParams", "Plan", "CONFIG_VERSION", "PLAN_VERSION", "RULES"]
+__all__ = ["Config", "SiteParams", "Plan", "CONFIG_VERSION", "PLAN_VERSION", "RULES", "EXACT_RULE", "ALL_RULES",
+           "DominanceParams", "DOMINANCE_VARIANCES"]
 
 CONFIG_VERSION = 1
 PLAN_VERSION = 1
-#: The early-exit rules (see :class:`Config`).
+#: The statistical early-exit rules: the tests ``exfx::early_exit`` runs (see :class:`Config`).
 RULES = ("threshold", "ztest")
+#: The lossless rule: prune only where a bound proves the ReLU outputs 0 (``exfx::exact_exit``, see :class:`Config`).
+EXACT_RULE = "exact"
+#: Every value ``Config.rule`` / ``SiteParams.rule`` takes.
+ALL_RULES = RULES + (EXACT_RULE,)
 
 
 class _SiteTable(Protocol):
@@ -79,8 +84,8 @@ def _as_float(value: Any) -> Any:
 
 
 def _check_rule_params(rule: Any, threshold: Any, alpha: Any, samples: tuple[int, ...], where: str) -> None:
-    if rule not in RULES:
-        raise ValueError(f"{where}rule must be one of {RULES}, got {rule!r}")
+    if rule not in ALL_RULES:
+        raise ValueError(f"{where}rule must be one of {ALL_RULES}, got {rule!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise ValueError(f"{where}threshold must be a number (use -inf to never prune), got {threshold!r}")
     if threshold == math.inf:
@@ -101,12 +106,45 @@ class _RuleFields:
     threshold: float = 0.0
     alpha: float = 0.05
     samples: int | tuple[int, ...] = 32
+    exact: bool = False
+    exact_samples: int | tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", _normalise_samples(self.samples))
+        empty = isinstance(self.exact_samples, (list, tuple)) and not self.exact_samples
+        object.__setattr__(self, "exact_samples", () if empty else _normalise_samples(self.exact_samples,
+                                                                                      "exact_samples"))
         object.__setattr__(self, "threshold", _as_float(self.threshold))
         object.__setattr__(self, "alpha", _as_float(self.alpha))
         _check_rule_params(self.rule, self.threshold, self.alpha, self.samples, "")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be a bool (add the lossless exact test at every checkpoint), "
+                             f"got {self.exact!r}")
+        if self.rule == EXACT_RULE:  # the exact rule alone: the flag says the same thing
+            object.__setattr__(self, "exact", True)
+        if self.exact_samples and not self.exact:
+            raise ValueError(f"exact_samples {self.exact_samples!r} are checkpoints of the exact test: set exact=True "
+                             f"(or rule='exact') too, or leave exact_samples empty")
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """Every checkpoint of the schedule: ``samples``, merged with ``exact_samples`` under the exact rule."""
+        return tuple(sorted(set(self.samples) | set(self.exact_samples))) if self.exact else self.samples
+
+    @property
+    def exact_checkpoints(self) -> tuple[int, ...]:
+        """Where the exact test runs: ``exact_samples`` if given (with ``samples`` too under ``rule="exact"``),
+        else ``samples``; none without ``exact``."""
+        if not self.exact:
+            return ()
+        if self.rule == EXACT_RULE or not self.exact_samples:
+            return self.checkpoints
+        return self.exact_samples
+
+    @property
+    def statistical(self) -> bool:
+        """Whether a statistical test (threshold or z-test) runs at each checkpoint; False for ``rule="exact"``."""
+        return self.rule in RULES
 
 
 @dataclass(frozen=True)
@@ -123,6 +161,25 @@ class Config(_RuleFields):
         samples: units summed before each early-exit test; an int or an
             increasing schedule such as ``(16, 32, 64)``. A site is eligible when
             its fan-in is at least the last checkpoint.
+        exact: also run the lossless test at every checkpoint: a neuron is pruned
+            when the statistical rule says so OR when ``partial + bias + residual +
+            bound < 0``, where the bound (norms of the positive weights times norms
+            of the input, per block) covers the units not yet summed: a proof that
+            its ReLU outputs 0.
+            Needs a provably non-negative input (after a ReLU or a pool of one); a
+            config applies it only at the sites where the analysis proves that
+            (``explain`` says why not elsewhere), a plan that asks for it elsewhere
+            is refused. ``rule="exact"`` runs the lossless test alone (no accuracy
+            cost; ``threshold`` and ``alpha`` unused) and sets ``exact``.
+        exact_samples: with ``exact`` and a statistical rule, the checkpoints of
+            the exact test, merged into the schedule (by default, empty, it runs
+            at ``samples``). The statistical test still runs at ``samples`` only.
+            The bound proves most late in the sum (e.g. at 15/16 of the fan-in),
+            where a statistical test would prune more than it was calibrated
+            for. Under ``rule="exact"`` they are simply more checkpoints.
+
+    Off by default: ``exact`` costs a bound per tested neuron and saves only what
+    it can prove.
 
     The defaults are the paper's untuned operating point (threshold 0 at 32
     samples); calibrate per-site parameters for an accuracy budget.
@@ -138,11 +195,16 @@ class Config(_RuleFields):
     @property
     def site_params(self) -> SiteParams:
         """These settings as the parameters of one site."""
-        return SiteParams(rule=self.rule, threshold=self.threshold, alpha=self.alpha, samples=self.samples)
+        return SiteParams(rule=self.rule, threshold=self.threshold, alpha=self.alpha, samples=self.samples,
+                          exact=self.exact, exact_samples=self.exact_samples)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["samples"] = list(self.samples)
+        data["exact_samples"] = list(self.exact_samples)
+        for key in ("exact", "exact_samples"):  # written only when set, so configs without them read as before
+            if not data[key]:
+                del data[key]
         return data
 
     @classmethod
@@ -169,12 +231,28 @@ class SiteParams(_RuleFields):
 
     @property
     def param(self) -> float:
-        """The number the early-exit op takes: the threshold, or alpha for the z-test."""
+        """The number the early-exit op takes: the threshold, or alpha for the z-test (0 for the exact rule)."""
+        if self.rule == EXACT_RULE:
+            return 0.0
         return float(self.threshold) if self.rule == "threshold" else float(self.alpha)
 
+    def without_exact(self) -> SiteParams:
+        """These parameters where the exact rule is unavailable: the statistical rule alone, or disabled for
+        ``rule="exact"``."""
+        if not self.exact:
+            return self
+        if self.rule == EXACT_RULE:
+            return replace(self, enabled=False)
+        return replace(self, exact=False, exact_samples=())
+
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "threshold": _float_to_json(self.threshold), "alpha": self.alpha,
+        data = {"rule": self.rule, "threshold": _float_to_json(self.threshold), "alpha": self.alpha,
                 "samples": list(self.samples), "enabled": self.enabled}
+        if self.exact:  # written only when set, so plans without it read as before
+            data["exact"] = True
+        if self.exact_samples:
+            data["exact_samples"] = list(self.exact_samples)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], site: str = "?") -> SiteParams:
@@ -190,6 +268,74 @@ class SiteParams(_RuleFields):
             return cls(**values)
         except ValueError as err:
             raise PlanError(f"plan site {site!r}: {err}") from None
+
+
+#: How :class:`DominanceParams` estimates the spread of the sampled terms.
+DOMINANCE_VARIANCES = ("sample", "pooled")
+
+
+@dataclass(frozen=True)
+class DominanceParams:
+    """Dominance prediction for the prediction head (opt-in: ``Analysis.compile(..., dominance=...)``).
+
+    When only the top-1 class matters (greedy decoding, classification), the head's logits are first estimated
+    from ``samples`` of its ``n`` exchangeable input units; a class is completed exactly only when its upper
+    bound can still beat the best lower bound, and every other class's logit is ``-inf``.
+
+    Args:
+        samples: sampled units before each dominance test: an int or an increasing schedule such as
+            ``(16, 64)`` (each later test runs on the classes still kept). At least 2 (a variance is needed),
+            at most the units left after ``always_sampled``.
+        alpha: the one-sided error level per class and test, in [0, 0.5]: the bounds are the estimate
+            ``+- Phi^-1(1 - alpha)`` standard errors. ``0`` keeps every class (exact dense logits).
+        always_sampled: input units (indices along the head's contraction axis) summed exactly before any
+            test, outside the sample: the few hidden dimensions of outsized magnitude a trained transformer has
+            (choose them on calibration data with ``exfx.passes.dominance_pass.outlier_units``).
+        variance: how the spread of the sampled terms is estimated. ``"sample"`` (the default): the sample
+            variance of the sampled terms, which needs their second moments (one more multiply-add per term).
+            ``"pooled"``: the terms' second moment taken as the class's mean squared weight times the row's mean
+            squared input over the sampled population, with the mean from the sample: half the sampled FLOPs,
+            and one more assumption (squared weights and squared inputs uncorrelated across units), which fails
+            for classes whose weights align with the input, so use it with enough samples and check the
+            agreement on held-out data.
+    """
+
+    samples: int | tuple[int, ...] = 32
+    alpha: float = 1e-3
+    always_sampled: tuple[int, ...] = ()
+    variance: str = "sample"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", _normalise_samples(self.samples, "dominance.samples"))
+        if self.samples[0] < 2:
+            raise ValueError(f"dominance.samples must be at least 2 (the bounds need a variance), "
+                             f"got {self.samples!r}")
+        alpha = _as_float(self.alpha)
+        if isinstance(alpha, bool) or not isinstance(alpha, float) or not 0.0 <= alpha <= 0.5:
+            raise ValueError(f"dominance.alpha must be in [0, 0.5] (0 keeps every class), got {self.alpha!r}")
+        object.__setattr__(self, "alpha", alpha)
+        units = self.always_sampled
+        if isinstance(units, (str, bytes)) or not isinstance(units, (tuple, list)) or not all(
+                isinstance(u, numbers.Integral) and not isinstance(u, bool) and u >= 0 for u in units):
+            raise ValueError(f"dominance.always_sampled must be a sequence of unit indices (ints >= 0), "
+                             f"got {units!r}")
+        if len(set(units)) != len(units):
+            raise ValueError(f"dominance.always_sampled must not repeat a unit, got {units!r}")
+        object.__setattr__(self, "always_sampled", tuple(int(u) for u in units))
+        if self.variance not in DOMINANCE_VARIANCES:
+            raise ValueError(f"dominance.variance must be one of {DOMINANCE_VARIANCES}, got {self.variance!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": list(self.samples), "alpha": self.alpha, "always_sampled": list(self.always_sampled),
+                "variance": self.variance}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DominanceParams:
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown dominance field(s) {sorted(unknown)}; known: "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
 
 
 def _float_to_json(value: float) -> float | str:
@@ -234,14 +380,21 @@ class Plan:
 
         Every other *structurally* eligible site (a fan-in below the sample
         count, or disabled) is written disabled, so compiling with the plan never
-        falls back to the default settings for it. The signatures cover the same
+        falls back to the default settings for it. ``config.exact`` is written
+        only where the report says the exact rule is available (a site where it
+        is not gets the statistical rule alone, or is disabled under
+        ``rule="exact"``). The signatures cover the same
         sites, the set the model is checked against, so the plan always fits the
         model it was made from.
         """
         params = (config or Config()).site_params
         disabled = replace(params, enabled=False)  # keeps the config's rule and samples for a later with_site
-        return cls(sites={s.name: params if s.eligible else disabled for s in report.sites if s.structurally_eligible},
-                   signatures=dict(report.signatures))
+
+        def chosen(site: Any) -> SiteParams:  # the exact rule only where the analysis proves it may run
+            return params if getattr(site, "exact_available", True) else params.without_exact()
+
+        return cls(sites={s.name: chosen(s) if s.eligible else disabled for s in report.sites
+                          if s.structurally_eligible}, signatures=dict(report.signatures))
 
     def check_against(self, signatures: Mapping[str, str], fan_ins: Mapping[str, int]) -> None:
         """Raise if this plan does not fit the model whose eligible sites are ``signatures``."""
@@ -260,8 +413,8 @@ class Plan:
                 f"{fingerprint(signatures)}); mismatched sites:\n  " + "\n  ".join(problems)
                 + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")
         for name, params in self.sites.items():
-            if params.enabled and params.samples[-1] > fan_ins[name]:
-                raise PlanError(f"plan site {name!r}: samples {params.samples} exceed its fan-in {fan_ins[name]}; "
+            if params.enabled and params.checkpoints[-1] > fan_ins[name]:
+                raise PlanError(f"plan site {name!r}: samples {params.checkpoints} exceed its fan-in {fan_ins[name]}; "
                                 f"use at most {fan_ins[name]} samples or set enabled=false")
 
     def to_dict(self) -> dict[str, Any]:

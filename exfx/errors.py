@@ -14,6 +14,7 @@ __all__ = [
     "UnsupportedModelError",
     "PlanError",
     "PlanMismatchError",
+    "DistributedError",
 ]
 
 
@@ -44,3 +45,8 @@ class PlanError(ExfxError):
 
 class PlanMismatchError(PlanError):
     """A plan was made for a different model; the message lists the mismatched sites."""
+
+
+class DistributedError(ExfxError):
+    """The ranks of a ``torch.distributed`` calibration disagree (an argument, the model) or one has no data;
+    the message names the rank and the field."""

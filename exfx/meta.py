@@ -1,7 +1,8 @@
 """Every key exfx writes into ``node.meta`` / ``GraphModule.meta``, the typed records stored under them, and accessors.
 
 Passes talk to each other only through the graph: the analysis writes one frozen
-:class:`SiteMatch` per ReLU under :data:`SITE_KEY`; the ENP rewrite reads it back
+:class:`SiteMatch` per ReLU (ReLU6 included; other activations get a never-eligible
+record) under :data:`SITE_KEY`; the ENP rewrite reads it back
 with :func:`site_match`. Nothing else carries state between stages, so a rewrite
 of a copy of the analysed graph sees exactly what the analysis decided.
 
@@ -36,7 +37,7 @@ import torch.fx as fx
 
 __all__ = [
     "NAME_KEY", "RELU_SOURCE_KEY", "GROUPS_KEY", "SITE_KEY", "ROLE_KEY", "REPORT_KEY", "INPUT_SIZES_KEY",
-    "INPUT_SPECS_KEY", "LOWERING_KEY",
+    "INPUT_SPECS_KEY", "LOWERING_KEY", "RELU_FAMILY",
     "SiteMatch", "RewriteRole", "Lowering", "LOWERING_FORMS",
     "producer_name", "set_producer_name", "relu_source", "set_relu_source", "axis_groups", "set_axis_groups",
     "site_match", "set_site_match", "rewrite_role", "set_rewrite_role", "site_of", "lowering", "set_lowering",
@@ -55,6 +56,8 @@ LOWERING_KEY = "exfx_lowering"
 #: The forms the lowering pass chooses between: the masked reference ops, the native early-exit kernel, plain
 #: dense (producer + ReLU, no pruning), and, for a ``relu -> F.linear`` consumer, the sparse-input kernel.
 LOWERING_FORMS = ("reference", "native", "dense", "sparse_input")
+#: :attr:`SiteMatch.activation` of the ReLU family: plain ReLU, and the capped ReLU ``clamp(x, 0.0, t)``.
+RELU_FAMILY = ("relu", "clamp")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,20 @@ class SiteMatch:
         input: the producer's input node ``x``.
         left: the left operand ``A`` of ``A @ (x W)`` (GCN form), or empty.
         shifts: residual operands added to the pre-activation, in match order.
+        concat_blocks: when the contraction axis concatenates blocks (DenseNet), the units of each block in order
+            (adding up to ``n_units``); the rewrite samples every block in proportion. Empty: one population.
+        exact_available: the lossless ``exact`` rule may run here: the producer's input is provably
+            non-negative (:mod:`exfx.analysis.sign`). False for a site that is not eligible.
+        exact_reason: why ``exact`` is not available at an eligible site (one line), else empty.
+        propagation: message passing between the producer (a linear) and the pre-activation, as in PyG's
+            ``GCNConv`` (gather, scale, scatter-add): the names of its nodes in graph order, the producer's side
+            first and the propagated value last; the rewrite replays them on ``x``. Empty for other sites.
+        propagation_resized: the nodes of ``propagation`` whose size arguments end with the feature count
+            (scatter targets, broadcast indices), rebuilt with the replay's column count.
+        activation: the activation the record is about: ``relu`` or ``clamp`` (the capped ReLU
+            ``torch.clamp(x, 0.0, t)`` of ReLU6 and its kin) for the ReLU family (:attr:`relu_family`), else
+            the name of an activation that is never a site (``gelu``, ``sigmoid``, ...), recorded so the
+            report says why.
     """
 
     name: str
@@ -94,6 +111,17 @@ class SiteMatch:
     input: str = ""
     left: str = ""
     shifts: tuple[str, ...] = ()
+    concat_blocks: tuple[int, ...] = ()
+    exact_available: bool = False
+    exact_reason: str = ""
+    propagation: tuple[str, ...] = ()
+    propagation_resized: tuple[str, ...] = ()
+    activation: str = "relu"
+
+    @property
+    def relu_family(self) -> bool:
+        """A ReLU-family activation (which may be a site), not a record of an activation that never is."""
+        return self.activation in RELU_FAMILY
 
 
 @dataclass(frozen=True)

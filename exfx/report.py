@@ -1,5 +1,9 @@
 """The ``explain()`` report: every ReLU, its site name, group, verdict, reason and parameters.
 
+ReLU6, ``hardtanh(0, t)`` and ``clamp(min=0)`` count as ReLUs (the ReLU family). Every
+other activation (GELU, SiLU, sigmoid, ...) has a row too, never eligible, whose
+reason says it is not a site (:attr:`SiteInfo.relu_family` is False).
+
 ``str(report)`` is a table for people; ``report.to_dict()`` is JSON-ready for machines.
 
 Example::
@@ -16,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from exfx.config import SiteParams, fingerprint
-from exfx.meta import SiteMatch
+from exfx.config import EXACT_RULE, SiteParams, fingerprint
+from exfx.meta import RELU_FAMILY, SiteMatch
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ class SiteInfo:
         lowering: after ``compile(..., lowering="native")``, the form the site
             runs as (``native``, ``dense``, ``reference``); empty otherwise.
         lowering_reason: why that form (one line), empty when ``lowering`` is.
+        exact_available: the lossless ``exact`` rule may run here (the input is
+            provably non-negative); False at a site that is not structurally eligible.
+        exact_reason: why ``exact`` is unavailable at a structurally eligible
+            site (one line), else empty.
     """
 
     name: str
@@ -65,13 +73,23 @@ class SiteInfo:
     structurally_eligible: bool = False
     lowering: str = ""
     lowering_reason: str = ""
+    exact_available: bool = False
+    exact_reason: str = ""
+    activation: str = "relu"
+
+    @property
+    def relu_family(self) -> bool:
+        """A ReLU-family activation (``relu``, or ``clamp`` for ReLU6 and its kin), not another activation's
+        record (``gelu``, ``sigmoid``, ...), which is never a site."""
+        return self.activation in RELU_FAMILY
 
     @classmethod
     def from_match(cls, match: SiteMatch, params: SiteParams | None = None) -> SiteInfo:
         """The row for one analysed ReLU, given the parameters the plan or config gives it."""
         row = cls(name=match.name, eligible=False, reason=match.reason, group=match.group, fan_in=match.fan_in,
                   kind=match.kind, signature=match.signature, relu_node=match.relu,
-                  structurally_eligible=match.eligible)
+                  structurally_eligible=match.eligible, exact_available=match.exact_available,
+                  exact_reason=match.exact_reason, activation=match.activation)
         if not match.eligible or params is None:
             return row
         eligible, reason = _eligibility(match, params)
@@ -82,14 +100,18 @@ class SiteInfo:
                 "fan_in": self.fan_in, "samples": list(self.samples), "kind": self.kind,
                 "signature": self.signature, "relu": self.relu_node,
                 "params": self.params.to_dict() if self.params else None,
+                "exact_available": self.exact_available, "exact_reason": self.exact_reason,
+                "activation": self.activation,
                 **({"lowering": self.lowering, "lowering_reason": self.lowering_reason} if self.lowering else {})}
 
 
 def _eligibility(match: SiteMatch, params: SiteParams) -> tuple[bool, str]:
+    if not params.enabled and params.rule == EXACT_RULE and not match.exact_available:
+        return False, f"rule 'exact' is unavailable here: {match.exact_reason}"
     if not params.enabled:
         return False, "disabled by the plan"
-    if (match.fan_in or 0) < params.samples[-1]:
-        return False, f"fan-in {match.fan_in} < samples {params.samples[-1]}"
+    if (match.fan_in or 0) < params.checkpoints[-1]:
+        return False, f"fan-in {match.fan_in} < samples {params.checkpoints[-1]}"
     return True, ""
 
 
@@ -108,9 +130,20 @@ def find_site(sites: Iterable[_Named], name: str) -> _Named:
 def _describe(params: SiteParams | None) -> str:
     if params is None:
         return "-"
-    if params.rule == "threshold":
-        return f"threshold T={params.threshold:g}"
-    return f"ztest alpha={params.alpha:g}"
+    extra = f" (at {','.join(map(str, params.exact_checkpoints))})" if params.exact_samples else ""
+    if params.rule == EXACT_RULE:
+        return "exact" + extra
+    text = f"threshold T={params.threshold:g}" if params.rule == "threshold" else f"ztest alpha={params.alpha:g}"
+    return text + " + exact" + extra if params.exact else text
+
+
+def _exact_cell(site: SiteInfo) -> tuple[str, str]:
+    """The report's ``exact`` column (``yes``: the lossless rule may run here) and a note for the reason column."""
+    if not site.structurally_eligible:
+        return "-", ""
+    if site.exact_available:
+        return "yes", ""
+    return "no", f"exact unavailable: {site.exact_reason}"
 
 
 @dataclass(frozen=True)
@@ -149,15 +182,16 @@ class Report:
 
     def __str__(self) -> str:
         lowered = any(s.lowering not in ("", "reference") for s in self.sites)
-        header = ("site", "kind", "group", "fan-in", "samples", "rule", "eligible", "reason")
+        header = ("site", "kind", "group", "fan-in", "samples", "rule", "exact", "eligible", "reason")
         header = header[:-1] + ("lowering",) + header[-1:] if lowered else header
         rows = [header]
         for s in self.sites:
+            exact, note = _exact_cell(s)
             row = (s.name, s.kind, s.group or "-", str(s.fan_in) if s.fan_in is not None else "-",
-                   ",".join(map(str, s.samples)) if s.eligible else "-", _describe(s.params),
-                   "yes" if s.eligible else "no", s.reason)
+                   ",".join(map(str, s.samples)) if s.eligible else "-", _describe(s.params), exact,
+                   "yes" if s.eligible else "no", "; ".join(r for r in (s.reason, note) if r))
             if lowered:
-                reason = "; ".join(r for r in (s.reason, s.lowering_reason) if r)
+                reason = "; ".join(r for r in (s.reason, note, s.lowering_reason) if r)
                 row = row[:-1] + (s.lowering or "-", reason)
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -166,8 +200,19 @@ class Report:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
-        n = len(self.eligible)
-        summary = f"{self.model + ': ' if self.model else ''}{n} of {len(self.sites)} ReLUs are ENP sites"
+        return self._summary() + "\n" + "\n".join(line.rstrip() for line in lines)
+
+    def _summary(self) -> str:
+        """``3 of 4 ReLUs are ENP sites``, and how many other activations are not sites."""
+        prefix = f"{self.model + ': ' if self.model else ''}"
+        family = [s for s in self.sites if s.relu_family]
+        others = list(dict.fromkeys(s.activation for s in self.sites if not s.relu_family))
+        count = len(self.sites) - len(family)
+        other_text = (f"{count} other activation{'s are' if count > 1 else ' is'} not a site "
+                      f"({', '.join(others)})")
         if not self.sites:
-            summary = f"{self.model + ': ' if self.model else ''}no ReLU found: nothing to rewrite"
-        return summary + "\n" + "\n".join(line.rstrip() for line in lines)
+            return f"{prefix}no ReLU-family activation found: nothing to rewrite"
+        if not family:
+            return f"{prefix}no ReLU-family activation: nothing to rewrite; {other_text}"
+        summary = f"{prefix}{len(self.eligible)} of {len(family)} ReLUs are ENP sites"
+        return f"{summary}; {other_text}" if count else summary

@@ -2,7 +2,8 @@
 
 ``architectures()`` draws a :class:`Spec` (plain data, printed by hypothesis
 when a property fails) and :func:`build` turns it into a model and inputs.
-Covered: MLPs, CNNs with and without BN, residual blocks, concat branches,
+Covered: MLPs, CNNs with and without BN, residual blocks, concat branches of
+unequal widths (with BN after the concat; the next conv contracts over both blocks),
 grouped convs, flatten -> linear, average-pool -> linear, mixed ReLU spellings,
 random widths, depths, batch sizes and input shapes.
 """
@@ -19,12 +20,32 @@ from hypothesis import strategies as st
 from models import randomise_bn
 
 RELU_SPELLINGS = ("module", "module_inplace", "F.relu", "F.relu_inplace", "torch.relu", "torch.relu_",
-                  "method", "method_")
+                  "method", "method_", "ReLU6", "F.relu6", "Hardtanh(0,6)", "clamp(min=0)", "clamp(0,6)",
+                  "clamp_min(0)", "clamp_(0,6)")
+#: The ReLU family spelled as a clamp (ReLU6 and its kin): sites too, canonicalized to clamp(x, 0.0, t) or relu.
+_CLAMP_SPELLINGS = {
+    "F.relu6": lambda x: F.relu6(x),
+    "clamp(min=0)": lambda x: torch.clamp(x, min=0),
+    "clamp(0,6)": lambda x: torch.clamp(x, 0, 6),
+    "clamp_min(0)": lambda x: x.clamp_min(0),
+    "clamp_(0,6)": lambda x: x.clamp_(0.0, 6.0),
+}
+
+
+def relu_module(spelling: str) -> nn.Module:
+    """The module a ``module``-style spelling calls (``ReLU``, ``ReLU6``, ``Hardtanh(0, 6)``)."""
+    if spelling == "ReLU6":
+        return nn.ReLU6()
+    if spelling == "Hardtanh(0,6)":
+        return nn.Hardtanh(0.0, 6.0)
+    return nn.ReLU(inplace=spelling == "module_inplace")
 
 
 def apply_relu(spelling: str, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    if spelling in ("module", "module_inplace"):
+    if spelling in ("module", "module_inplace", "ReLU6", "Hardtanh(0,6)"):
         return module(x)
+    if spelling in _CLAMP_SPELLINGS:
+        return _CLAMP_SPELLINGS[spelling](x)
     if spelling == "F.relu":
         return F.relu(x)
     if spelling == "F.relu_inplace":
@@ -47,6 +68,7 @@ class Layer:
     bias: bool = True
     bn: bool = False
     relu: str = "F.relu"
+    width2: int = 0  # concat only: the second branch's width (0: same as ``width``)
 
 
 @dataclass(frozen=True)
@@ -93,11 +115,13 @@ class FuzzNet(nn.Module):
                     block["bn"], block["bn2"] = norm(width), norm(width)
             elif layer.kind == "concat":
                 block["op"] = nn.Conv2d(width, layer.width, 3, padding=1, bias=layer.bias)
-                block["op2"] = nn.Conv2d(width, layer.width, 1, bias=layer.bias)
-                width = 2 * layer.width
+                block["op2"] = nn.Conv2d(width, layer.width2 or layer.width, 1, bias=layer.bias)
+                width = layer.width + (layer.width2 or layer.width)
+                if layer.bn:  # DenseNet's BN-ReLU after the concat: it cannot fold into two producers
+                    block["bn"] = nn.BatchNorm2d(width)
             elif layer.kind == "pool":
                 spatial //= 2
-            block["relu"] = nn.ReLU(inplace=layer.relu == "module_inplace")
+            block["relu"] = relu_module(layer.relu)
             self.blocks.append(block)
         if spec.family == "mlp":
             self.head = nn.Linear(width, spec.out_features)
@@ -119,7 +143,7 @@ class FuzzNet(nn.Module):
                 x = apply_relu(layer.relu, self._norm(block, "bn2", block["op2"](h)) + x, block["relu"])
             elif layer.kind == "concat":
                 x = torch.cat([block["op"](x), block["op2"](x)], dim=1)
-                x = apply_relu(layer.relu, x, block["relu"])
+                x = apply_relu(layer.relu, self._norm(block, "bn", x), block["relu"])
             elif layer.kind == "pool":
                 x = F.max_pool2d(x, 2)
         if self.spec.family == "cnn":
@@ -161,7 +185,8 @@ def _cnn_layer(draw: st.DrawFn, width: int, spatial: int) -> Layer:
         return Layer("conv", width=out, kernel=draw(st.sampled_from((1, 3))), groups=groups, bias=bias, bn=bn,
                      relu=relu)
     if kind == "concat":
-        return Layer("concat", width=draw(st.integers(1, 24)), bias=bias, relu=relu)
+        return Layer("concat", width=draw(st.integers(1, 24)), width2=draw(st.integers(1, 24)), bias=bias, bn=bn,
+                     relu=relu)
     return Layer(kind, width=width, bias=bias, bn=bn, relu=relu)
 
 
@@ -190,7 +215,7 @@ def architectures(draw: st.DrawFn) -> Spec:
         if layer.kind == "pool":
             spatial //= 2
         elif layer.kind == "concat":
-            width = 2 * layer.width
+            width = layer.width + (layer.width2 or layer.width)
         elif layer.kind == "conv":
             width = layer.width
     head = draw(st.sampled_from(("flatten", "avgpool")))

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from exfx.analysis.opsets import activation_ceiling, is_site_activation
 from exfx.cost.model import op_arguments
 from exfx.meta import site_of
 
@@ -47,6 +48,7 @@ class SiteRecord:
     dense: torch.Tensor  # oracle pre-activation from the same inputs
     active: torch.Tensor  # neurons kept by the last early-exit test
     post: torch.Tensor | None = None  # output of the site's ReLU
+    ceiling: float | None = None  # upper bound t of a capped-ReLU site (ReLU6: clamp(pre, 0, t)); None for ReLU
 
     @property
     def pruned(self) -> int:
@@ -67,11 +69,12 @@ class SiteRecorder(fx.Interpreter):
             dense = dense_preactivation(a["x"], a["weight"], a["bias"], a["residual"], a["stride"], a["padding"],
                                         a["dilation"], a["groups"])
             self.records[a["site"]] = SiteRecord(pre=result, dense=dense, active=a["active"])
-        elif n.op == "call_function" and n.target is torch.relu:
+        elif is_site_activation(n):
             site = site_of(n)
             if site in self.records and self.records[site].post is None and n.args[0].target is (
                     torch.ops.exfx.complete.default):
                 self.records[site].post = result
+                self.records[site].ceiling = activation_ceiling(n)
         return result
 
 
@@ -89,7 +92,7 @@ def assert_enp_invariant(gm: fx.GraphModule, *inputs: Any, rtol: float = RTOL,
     assert records, "the compiled module has no ENP site"
     for site, rec in records.items():
         assert rec.post is not None, f"site {site}: its ReLU was not found after exfx::complete"
-        dense_post = torch.relu(rec.dense)
+        dense_post = torch.relu(rec.dense) if rec.ceiling is None else torch.clamp(rec.dense, 0.0, rec.ceiling)
         # Pruned neurons: exactly 0 before and after the ReLU.
         assert torch.equal(rec.pre[~rec.active], torch.zeros_like(rec.pre[~rec.active])), site
         assert torch.equal(rec.post[~rec.active], torch.zeros_like(rec.post[~rec.active])), site

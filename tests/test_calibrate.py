@@ -12,7 +12,7 @@ import torch.nn as nn
 import exfx
 from exfx.tune.calibration import DEFAULT_SCHEDULES
 from exfx.tune.evaluation import evaluate, oracle, tunable_sites
-from exfx.tune.instrument import instrument, record_gains
+from exfx.tune.instrument import PROJECTION_STREAM, batch_generator, instrument, record_gains
 from exfx.tune.pricing import allocation_path, candidates
 
 from models import VGGish
@@ -94,8 +94,8 @@ def test_gains_are_the_gradient_of_the_projected_outputs():
     analysis = exfx.analyse(model, example)
     samples = instrument(analysis, data, {"2": (16,)}, 10_000, 0, False)
     record_gains(analysis, data, samples, seed=0, progress=False)
-    generator = torch.Generator().manual_seed(1)  # the projection's generator: seed + 1
     for index, _ in enumerate(data):
+        generator = batch_generator(0, index, PROJECTION_STREAM)  # the projection's generator: seed 0, this batch
         expected = torch.randn(10, 5, generator=generator) @ model[4].weight.detach()
         picked = samples["2"].picks[index]
         torch.testing.assert_close(samples["2"].gains[index], expected.reshape(-1)[picked].double())

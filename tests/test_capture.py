@@ -199,7 +199,10 @@ def test_model_without_relu_is_returned_unchanged_with_a_report(caplog) -> None:
     assert not enp_nodes(gm)
     torch.testing.assert_close(gm(x), model(x))
     report = gm.meta["exfx_report"]
-    assert report.sites == [] and "no ReLU found" in str(report)
+    # The tanh is reported, never a site, with the reason; no ReLU-family activation means nothing to rewrite.
+    assert [(s.name, s.eligible, s.reason) for s in report.sites] == [
+        ("tanh", False, "not a site: activation `tanh` is not zero on a half-line")]
+    assert "no ReLU-family activation" in str(report).splitlines()[0]
     assert any("no ENP site" in r.getMessage() for r in caplog.records)
 
 

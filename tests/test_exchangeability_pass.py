@@ -114,10 +114,12 @@ class Concat(nn.Module):
         return F.relu(self.fc(both))
 
 
-def test_concat_contraction_is_refused() -> None:
-    report = exfx.explain(Concat().eval(), (torch.randn(3, 10),), CFG8)
+def test_concat_contraction_samples_every_block() -> None:
+    """A contraction over a concat is a site: its record carries the blocks (see tests/test_concat.py)."""
+    analysis = exfx.analyse(Concat().eval(), (torch.randn(3, 10),))
+    report = analysis.explain(CFG8)
     eligible, reason = verdicts(report)["fc"]
-    assert not eligible and "concat" in reason
+    assert eligible and not reason and analysis.site("fc").concat_blocks == (40, 40)
     assert report.site("a").eligible and report.site("b").eligible
 
 

@@ -112,11 +112,13 @@ def test_explain_covers_every_relu(spec):
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU-family spelling of tests/fuzz_models.py (ReLU6, hardtanh(0, 6) and clamps at 0 included)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), torch.nn.ReLU)
+        return isinstance(gm.get_submodule(str(node.target)), (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh))
     if node.op == "call_method":
-        return node.target in ("relu", "relu_")
-    return node.op == "call_function" and node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+        return node.target in ("relu", "relu_", "clamp", "clamp_", "clamp_min")
+    return node.op == "call_function" and node.target in (torch.relu, torch.relu_, torch.nn.functional.relu,
+                                                          torch.nn.functional.relu6, torch.clamp)
 
 
 @FUZZ

@@ -11,7 +11,9 @@ read of one parameter (tied weights), and so on. Connected components are the
 A group is **pinned** (not exchangeable) when one of its axes
 
 - belongs to a model input or a model output (permuting it changes what the
-  user sees), or
+  user sees), or to a stored constant read as data (a buffer that is not a
+  parameter, such as Swin-V2's ``relative_coords_table``: fixed data, like an
+  input; BatchNorm statistics and weights kept as buffers are not data), or
 - passes through an op not known to be permutation-equivariant on that axis
   (conv and pooling windows pin spatial axes; an op with no rule pins every axis).
 
@@ -23,7 +25,10 @@ columns move together, which is what static (structured) pruning needs.
 Blocks: ``flatten`` after a conv joins the channel axis to the flattened feature
 axis, which then holds one *block* of ``H*W`` features per channel; a linear
 consuming it contracts ``C`` units of ``H*W`` features. ``cat`` joins the inputs'
-axes to the output axis as separate blocks.
+axes to the output axis as separate blocks: the output's :class:`Layout` records
+each block's units (nested cats flattened), carried through element-wise ops,
+BN, pooling and flatten, so a contraction over a concat can sample every block
+in proportion.
 
 **Rules.** Each op family has one small handler, registered with
 :func:`axis_rule` for the functions, ``Tensor`` methods and module classes that
@@ -48,11 +53,12 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -99,13 +105,24 @@ Axis = tuple[str, int]
 class Layout:
     """How units are laid out along one axis.
 
-    ``units`` exchangeable units of ``unit`` consecutive elements each, or
-    ``blocks > 1`` concat blocks (not one population).
+    ``units`` units of ``unit`` consecutive elements each. Along a concatenated
+    axis, ``block_sizes`` gives the units of each concat block in order (nested
+    cats flattened; it adds up to ``units``): the units are exchangeable within a
+    block, not across blocks, so a fair sample draws from each block in
+    proportion. Empty means one population. ``problem`` says why the units along
+    the axis cannot be sampled at all (concat blocks whose units differ in size),
+    empty when they can.
     """
 
     units: int
     unit: int = 1
-    blocks: int = 1
+    block_sizes: tuple[int, ...] = ()
+    problem: str = ""
+
+    @property
+    def blocks(self) -> int:
+        """How many concat blocks the axis holds (1 when it is one population)."""
+        return max(1, len(self.block_sizes))
 
 
 def _describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -254,9 +271,11 @@ def _apply_rule(gm: fx.GraphModule, node: fx.Node, g: AxisGraph, hidden_inputs: 
         first = g.attrs.setdefault(str(node.target), node)
         for axis in range(rank_of(node) or 0):
             g.join(first, axis, node, axis)
+        reason = f"stored constant `{node.target}` (a buffer: fixed data, like a model input)"
+        g.pin(node, _stored_constant_axes(gm, node), reason)
         return
     unknown = f"op {_describe_target(gm, node)} is not known to be permutation-equivariant"
-    if tensor_meta(node) is None and node.op != "call_module":
+    if tensor_meta(node) is None and node.op != "call_module" and not _returns_attention_tuple(node):
         if not _is_non_tensor(node):
             for arg in tensor_inputs(node):
                 g.pin(arg, None, unknown)
@@ -267,6 +286,39 @@ def _apply_rule(gm: fx.GraphModule, node: fx.Node, g: AxisGraph, hidden_inputs: 
     for arg in tensor_inputs(node):
         g.pin(arg, None, unknown)
     g.pin(node, None, unknown)
+
+
+#: Ops whose every tensor argument but the input is a parameter or a statistic that moves with the units (a
+#: weight, a bias, BatchNorm's running mean and variance), so a buffer read there is not data.
+_PARAMETER_READERS = (F.linear, F.conv1d, F.conv2d, F.batch_norm)
+
+
+def _stored_constant_axes(gm: fx.GraphModule, attr: fx.Node) -> list[int]:
+    """The axes to pin of a ``get_attr`` tensor that is stored data: a buffer, not a parameter, read as data.
+
+    Such a tensor (Swin-V2's ``relative_coords_table``, a fixed mask) is not drawn i.i.d. with the units it
+    meets, so permuting them would change the model: it is fixed data, like a model input. Not pinned: a
+    parameter; a buffer read only as a weight, bias or BatchNorm statistic (unfolded BN reads its running
+    statistics per channel); an axis along which the buffer is constant (permuting it changes nothing).
+    """
+    try:
+        value = gm.get_buffer(str(attr.target))
+    except AttributeError:  # a parameter, or not a registered tensor
+        return []
+    if all(_reads_as_parameter(user, attr) for user in attr.users):
+        return []
+    return [axis for axis in range(value.dim()) if value.shape[axis] > 1
+            and not torch.equal(value, value.narrow(axis, 0, 1).expand_as(value))]
+
+
+def _reads_as_parameter(user: fx.Node, attr: fx.Node) -> bool:
+    """``user`` reads ``attr`` as a weight, bias or statistic (directly, or transposed for a linear)."""
+    if user.op == "call_method" and user.target == "t":
+        return bool(user.users) and all(_reads_as_parameter(reader, user) for reader in user.users)
+    if user.op != "call_function" or user.target not in _PARAMETER_READERS:
+        return False
+    data = user.args[0] if user.args else user.kwargs.get("input")
+    return data is not attr
 
 
 def _is_non_tensor(node: fx.Node) -> bool:
@@ -380,6 +432,7 @@ def _pool(node: fx.Node, g: AxisGraph) -> None:
     source = node.all_input_nodes[0]
     for axis in (0, 1):
         g.join(source, axis, node, axis)
+        g.inherit_layout(node, axis, source, axis)  # pooling acts per channel: concat blocks stay blocks
     g.pin(node, range(2, rank_of(node) or 2), "spatial axis of a pooling window")
     g.pin(source, range(2, rank_of(source) or 2), "spatial axis of a pooling window")
 
@@ -431,7 +484,8 @@ def _reshape(node: fx.Node, g: AxisGraph) -> None:
     if len(mid_out) == 1 and len(mid_in) > 1 and math.prod(mid_in) == mid_out[0]:
         # A merge (flatten): each unit of the leading merged axis becomes a block of the rest.
         g.join(source, prefix, node, prefix)
-        g.layouts[(node.name, prefix)] = Layout(units=mid_in[0], unit=math.prod(mid_in[1:]))
+        lead = g.layout(source, prefix)  # concat blocks along the leading axis stay blocks of its units
+        g.layouts[(node.name, prefix)] = replace(lead, unit=lead.unit * math.prod(mid_in[1:]))
         g.pin(source, range(prefix + 1, prefix + len(mid_in)), "axis merged by a flatten")
         return
     reason = "axis split or merged by a reshape"
@@ -572,7 +626,29 @@ def _cat(node: fx.Node, g: AxisGraph) -> None:
     for part in parts:
         for axis in range(rank):
             g.join(part, axis, node, axis)
-    g.layouts[(node.name, dim)] = Layout(units=shape_of(node)[dim], blocks=len(parts))
+    # Every part's axes join the output's, so the blocks share one group (a pin on any block pins them all,
+    # and static pruning sees the cat and refuses). Along the cat axis, record each block's units.
+    blocks = [g.layout(part, dim) for part in parts if rank_of(part) == rank and shape_of(part)[dim] > 0]
+    g.layouts[(node.name, dim)] = _concat_layout(blocks) if blocks else Layout(units=shape_of(node)[dim])
+
+
+def _concat_layout(parts: Iterable[Layout]) -> Layout:
+    """The layout of a concatenation of axes laid out as ``parts``: their blocks, nested cats flattened.
+
+    Units of different sizes (a flattened 4x4 map next to a 2x2 one) cannot be sampled as units of one
+    size: the result then counts elements and says so in ``problem``.
+    """
+    parts = list(parts)
+    problem = next((p.problem for p in parts if p.problem), "")
+    if not problem and len({p.unit for p in parts}) > 1:
+        sizes = ", ".join(dict.fromkeys(str(p.unit) for p in parts))
+        problem = (f"its concat blocks have units of different sizes ({sizes} elements per unit); exfx samples "
+                   f"whole units of one size")
+    if problem:
+        elements = tuple(p.units * p.unit for p in parts)
+        return Layout(units=sum(elements), block_sizes=elements if len(elements) > 1 else (), problem=problem)
+    sizes = tuple(size for p in parts for size in (p.block_sizes or (p.units,)))
+    return Layout(units=sum(sizes), unit=parts[0].unit, block_sizes=sizes if len(sizes) > 1 else ())
 
 
 @axis_rule(functions=(F.embedding,), modules=(torch.nn.Embedding,))
@@ -582,6 +658,100 @@ def _embedding(node: fx.Node, g: AxisGraph) -> None:
         g.join(ids, axis, node, axis)
     if node.op == "call_function" and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
         g.join(node, -1, node.args[1], 1)
+
+
+# Attention. ``nn.MultiheadAttention``'s slow path is one call of ``F.multi_head_attention_forward`` in a captured
+# graph (Dynamo keeps it whole); its eval fast path, and nn.TransformerEncoderLayer's, are fused ops that exfx's
+# capture switches off (exfx.capture.common.mha_fastpath_disabled) but a graph passed in may still hold.
+
+#: The eval fast path's fused ops: opaque, so every axis they touch is pinned, with a reason that says what to do.
+FUSED_TRANSFORMER_OPS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default,
+                         torch._native_multi_head_attention, torch.ops.aten._native_multi_head_attention.default)
+_ATTENTION_TUPLE_OPS = (F.multi_head_attention_forward, torch._native_multi_head_attention,
+                        torch.ops.aten._native_multi_head_attention.default)
+
+
+def _returns_attention_tuple(node: fx.Node) -> bool:
+    """An attention op returning ``(output, weights)``: its rule, not the generic tuple branch, handles it."""
+    return node.op == "call_function" and any(node.target is op for op in _ATTENTION_TUPLE_OPS)
+
+
+def _fused_reason(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return (f"fused op `{name}` (the transformer eval fast path) hides the layer's ops; capture with "
+            f"exfx.analyse/compile, which disables the fast path")
+
+
+def _tuple_elements(node: fx.Node) -> list[fx.Node] | None:
+    """The ``node[i]`` reads of a tuple-valued node, or None when it is used any other way."""
+    users = list(node.users)
+    if all(u.op == "call_function" and u.target is operator.getitem and u.args[0] is node
+           and isinstance(u.args[1], int) for u in users):
+        return users
+    return None
+
+
+@axis_rule(functions=FUSED_TRANSFORMER_OPS)
+def _fused_transformer(node: fx.Node, g: AxisGraph) -> None:
+    """Pin every axis in and out of a fused fast-path op, naming it (the unfused capture has rules for its parts)."""
+    reason = _fused_reason(node)
+    for arg in tensor_inputs(node):
+        g.pin(arg, None, reason)
+    g.pin(node, None, reason)
+    if tensor_meta(node) is None:  # (output, weights): its elements are pinned here, not by the getitem rule
+        for element in node.users:
+            g.pin(element, None, reason)
+        g.fresh_tuples.add(node.name)
+
+
+@axis_rule(functions=(F.multi_head_attention_forward,))
+def _multi_head_attention(node: fx.Node, g: AxisGraph) -> bool | None:
+    """``F.multi_head_attention_forward``: the embedding axes pass through the projections; the rest is pinned.
+
+    The query, key and value embedding axes are contracted by the input
+    projections (joined with their weights' columns), and the output's embedding
+    axis is made by ``out_proj`` (joined with its rows and bias), so a residual
+    stream around the attention stays one group. Inside, the projection rows are
+    split into query/key/value and heads by reshapes, and ``out_proj``'s columns
+    are the merged heads: those are pinned, as are every token and batch axis
+    (attention mixes tokens, and masks index them) and the attention weights.
+    """
+    elements = _tuple_elements(node)
+    try:
+        args = inspect.signature(F.multi_head_attention_forward).bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return False
+    out_weight = args.get("out_proj_weight")
+    if elements is None or rank_of(out_weight) != 2:
+        return False
+    inputs = (args.get("query"), args.get("key"), args.get("value"))
+    if args.get("use_separate_proj_weight", False):
+        weights = (args.get("q_proj_weight"), args.get("k_proj_weight"), args.get("v_proj_weight"))
+    else:
+        weights = (args.get("in_proj_weight"),) * 3
+    if any(rank_of(t) is None or rank_of(w) != 2 for t, w in zip(inputs, weights)):
+        return False
+    heads = "attention projection rows, split into heads by a reshape"
+    tokens = "token or batch axis of attention"
+    for tensor, weight in zip(inputs, weights):
+        g.join(tensor, -1, weight, 1)
+        g.pin(tensor, range((rank_of(tensor) or 1) - 1), tokens)
+        g.pin(weight, [0], heads)
+    for name in ("in_proj_bias", "bias_k", "bias_v", "static_k", "static_v", "key_padding_mask", "attn_mask"):
+        if rank_of(args.get(name)) is not None:
+            g.pin(args[name], None, heads if name in ("in_proj_bias", "bias_k", "bias_v") else tokens)
+    g.pin(out_weight, [1], "attention heads merged by a reshape")
+    if rank_of(args.get("out_proj_bias")) == 1:
+        g.join(args["out_proj_bias"], 0, out_weight, 0)
+    for element in elements:
+        rank = rank_of(element) or 0
+        if element.args[1] == 0 and rank:
+            g.join(element, -1, out_weight, 0)
+            g.pin(element, range(rank - 1), tokens)
+        else:
+            g.pin(element, None, "attention weights")
+    g.fresh_tuples.add(node.name)  # its elements' axes are set above
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -7,29 +7,59 @@ only what it can prove identical, e.g. ``x @ W`` with a 2-D parameter, never ``b
 
 from __future__ import annotations
 
+import math
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 __all__ = [
-    "CANONICAL_CONVS", "is_producer", "is_relu",
+    "CANONICAL_CONVS", "is_producer", "is_relu", "is_capped_relu", "is_site_activation", "activation_ceiling",
+    "ACTIVATION_FUNCTIONS", "ACTIVATION_METHODS", "ACTIVATION_MODULES", "activation_name",
     "UNARY_FUNCTIONS", "UNARY_METHODS", "UNARY_MODULES", "SOFTMAX_FUNCTIONS", "BINARY_FUNCTIONS", "BINARY_METHODS",
     "ADD_FUNCTIONS", "POOL_FUNCTIONS", "POOL_MODULES", "NORM_MODULES", "REDUCE_FUNCTIONS", "REDUCE_METHODS",
     "RESHAPE_FUNCTIONS", "RESHAPE_METHODS", "MATMUL_FUNCTIONS", "NON_TENSOR_FUNCTIONS", "NON_TENSOR_METHODS",
     "GATHER_METHODS", "SCATTER_FUNCTIONS", "SCATTER_METHODS", "CONSTANT_FUNCTIONS", "CONSTANT_METHODS",
 ]
 
+#: Element-wise activations that are not ReLU-family sites, by the name the report gives them (the ReLU family,
+#: ``torch.relu`` and ``torch.clamp(x, 0.0, t)``, is what canonicalize leaves of ReLU, ReLU6, hardtanh(0, t) and
+#: clamp(min=0); a hardtanh with another lower bound stays a hardtanh).
+ACTIVATION_FUNCTIONS: dict[Any, str] = {
+    F.gelu: "gelu", F.silu: "silu", F.elu: "elu", F.selu: "selu", torch.selu: "selu", F.celu: "celu",
+    torch.celu: "celu", F.leaky_relu: "leaky_relu", F.rrelu: "rrelu", F.prelu: "prelu", F.hardtanh: "hardtanh",
+    F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.logsigmoid: "logsigmoid",
+    F.softsign: "softsign", F.tanhshrink: "tanhshrink",
+}
+ACTIVATION_METHODS: dict[str, str] = {"sigmoid": "sigmoid", "tanh": "tanh"}
+ACTIVATION_MODULES: dict[type, str] = {
+    torch.nn.GELU: "gelu", torch.nn.SiLU: "silu", torch.nn.ELU: "elu", torch.nn.SELU: "selu", torch.nn.CELU: "celu",
+    torch.nn.LeakyReLU: "leaky_relu", torch.nn.RReLU: "rrelu", torch.nn.PReLU: "prelu", torch.nn.Hardtanh: "hardtanh",
+    torch.nn.ReLU6: "relu6", torch.nn.Softplus: "softplus", torch.nn.Mish: "mish", torch.nn.Hardswish: "hardswish",
+    torch.nn.Hardsigmoid: "hardsigmoid", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh",
+    torch.nn.LogSigmoid: "logsigmoid", torch.nn.Softsign: "softsign", torch.nn.Tanhshrink: "tanhshrink",
+}
+#: Clamps, when they are not the canonical ReLU6 form (a tensor bound, a negative lower bound): element-wise.
+CLAMP_FUNCTIONS = (torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max)
+CLAMP_METHODS = ("clamp", "clip", "clamp_min", "clamp_max")
+
 UNARY_FUNCTIONS = (
     torch.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardtanh, F.relu6, F.softplus, F.mish, F.hardswish,
     torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square,
     operator.neg, F.sigmoid, F.tanh, torch.clone, F.dropout, torch.erf, torch.log, torch.pow, operator.pow,
+    F.hardsigmoid, F.selu, torch.selu, F.celu, torch.celu, F.rrelu, F.logsigmoid, F.softsign, F.tanhshrink,
+    *CLAMP_FUNCTIONS,
 )
 UNARY_METHODS = ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "contiguous", "clone", "pow",
-                 "float", "half", "double", "bfloat16", "to", "type_as", "square", "erf", "log", "detach")
+                 "float", "half", "double", "bfloat16", "to", "type_as", "square", "erf", "log", "detach",
+                 *CLAMP_METHODS)
 UNARY_MODULES = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.LeakyReLU, torch.nn.Sigmoid, torch.nn.Tanh,
-                 torch.nn.Hardtanh, torch.nn.ReLU6, torch.nn.Softplus, torch.nn.Mish, torch.nn.Hardswish)
+                 torch.nn.Hardtanh, torch.nn.ReLU6, torch.nn.Softplus, torch.nn.Mish, torch.nn.Hardswish,
+                 torch.nn.Hardsigmoid, torch.nn.SELU, torch.nn.CELU, torch.nn.RReLU, torch.nn.LogSigmoid,
+                 torch.nn.Softsign, torch.nn.Tanhshrink)
 SOFTMAX_FUNCTIONS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
 BINARY_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                     torch.div, torch.maximum, torch.minimum, torch.where, torch.masked_fill, operator.iadd,
@@ -70,8 +100,53 @@ _CONV_KWARGS = {"stride", "padding", "dilation", "groups"}
 
 
 def is_relu(node: fx.Node) -> bool:
-    """True for the canonical ReLU form."""
+    """True for the canonical ReLU form ``torch.relu(x)`` (ReLU6 and its kin are :func:`is_capped_relu`)."""
     return node.op == "call_function" and node.target is torch.relu
+
+
+def is_capped_relu(node: fx.Node) -> bool:
+    """True for the canonical upper-bounded ReLU ``torch.clamp(x, 0.0, t)``: two positional floats, ``t > 0``.
+
+    Canonicalize writes ReLU6, ``hardtanh(x, 0, t)`` and ``clamp(x, 0, t)`` in this form.
+    """
+    if not (node.op == "call_function" and node.target is torch.clamp and len(node.args) == 3 and not node.kwargs):
+        return False
+    low, high = node.args[1], node.args[2]
+    return type(low) is float and low == 0.0 and type(high) is float and 0.0 < high < math.inf
+
+
+def is_site_activation(node: fx.Node) -> bool:
+    """True for a canonical ReLU-family activation: one that outputs 0 exactly where its input is <= 0.
+
+    Plain ReLU and the capped form ``torch.clamp(x, 0.0, t)``. Each gets a site verdict; early negative
+    prediction is exact for both (a pruned neuron is 0 after either, a kept one goes through it unchanged).
+    """
+    return is_relu(node) or is_capped_relu(node)
+
+
+def activation_ceiling(node: fx.Node) -> float | None:
+    """The upper bound ``t`` of a canonical capped ReLU ``torch.clamp(x, 0.0, t)``; None for any other node."""
+    return float(node.args[2]) if is_capped_relu(node) else None  # type: ignore[arg-type]
+
+
+def activation_name(node: fx.Node) -> str | None:
+    """The name of the element-wise activation ``node`` applies when it is not a ReLU-family site, else None.
+
+    ``gelu``, ``sigmoid``, ``hardtanh``, ... (see :data:`ACTIVATION_FUNCTIONS`). A module is looked up by
+    its class and its base classes, so a subclass of ``nn.GELU`` is a ``gelu``.
+    """
+    if node.op == "call_function":
+        try:
+            return ACTIVATION_FUNCTIONS.get(node.target)
+        except TypeError:  # an unhashable callable
+            return None
+    if node.op == "call_method":
+        return ACTIVATION_METHODS.get(str(node.target))
+    owner = node.graph.owning_module
+    if node.op != "call_module" or owner is None:
+        return None
+    module = owner.get_submodule(str(node.target))
+    return next((ACTIVATION_MODULES[cls] for cls in type(module).__mro__ if cls in ACTIVATION_MODULES), None)
 
 
 def is_producer(node: fx.Node) -> bool:

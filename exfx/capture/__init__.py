@@ -7,7 +7,15 @@ never touch the user's parameters.
 ``torch.fx.symbolic_trace`` is the capture. When it fails (untraceable calls,
 ``**kwargs`` plumbing, Python control flow), exfx falls back to capturing the
 model with Dynamo (:mod:`exfx.capture.dynamo`), which handles much more, such as
-Hugging Face models. When both fail (data-dependent control flow),
+Hugging Face models. torch.fx keeps every ``torch.nn`` module opaque, so a
+symbolic capture holding ``nn.TransformerEncoder``/``nn.TransformerDecoderLayer``
+and friends as one ``call_module`` node hides their FFN ReLUs; the ``"auto"``
+capture then takes Dynamo's graph, which holds them op by op, and keeps the
+symbolic one only if Dynamo fails. Every capture runs with
+``nn.MultiheadAttention``'s eval fast path switched off
+(:func:`~exfx.capture.common.mha_fastpath_disabled`), so the graph holds the
+slow path's ops, not a fused op, whatever the flag is when the compiled module
+runs. When both fail (data-dependent control flow),
 :class:`~exfx.errors.CaptureError` names the module being traced and the line of
 user code that failed, and suggests the fixes: ``leaf_modules=[...]`` to keep a
 module opaque, ``concrete_args={...}`` to fix a Python argument, or tracing the
@@ -28,7 +36,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from exfx.capture.common import TRACE_LOCK, check_eval_mode, normalise_inputs
+from exfx.capture.common import (TRACE_LOCK, check_eval_mode, mha_fastpath_disabled, normalise_inputs,
+                                 relu_hiding_layers)
 from exfx.capture.dynamo import dynamo_capture, recover_parameters
 from exfx.capture.symbolic import symbolic_capture
 from exfx.errors import CaptureError, UnsupportedModelError
@@ -36,7 +45,7 @@ from exfx.errors import CaptureError, UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 __all__ = ["capture", "check_eval_mode", "normalise_inputs", "dynamo_capture", "recover_parameters",
-           "symbolic_capture", "TRACE_LOCK", "CAPTURE_METHODS"]
+           "symbolic_capture", "TRACE_LOCK", "CAPTURE_METHODS", "mha_fastpath_disabled", "relu_hiding_layers"]
 
 
 CAPTURE_METHODS = ("auto", "fx", "dynamo")
@@ -48,7 +57,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_m
 
     ``method="fx"`` uses ``torch.fx.symbolic_trace`` only, ``"dynamo"`` uses
     Dynamo only (see :mod:`exfx.capture.dynamo`), and ``"auto"`` (the default)
-    tries symbolic tracing first and falls back to Dynamo when it fails.
+    tries symbolic tracing first and falls back to Dynamo when it fails, or when
+    it keeps a ``torch.nn`` transformer module with a ReLU FFN opaque.
     """
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"exfx compiles torch.nn.Module instances, got {type(model).__name__}")
@@ -62,7 +72,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_m
     if method == "dynamo":
         return dynamo_capture(private, example_inputs)
     try:
-        return symbolic_capture(private, leaf_modules, concrete_args)
+        traced = symbolic_capture(private, leaf_modules, concrete_args)
     except CaptureError as fx_error:
         if method == "fx" or leaf_modules or concrete_args:
             raise
@@ -72,3 +82,26 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_m
             raise CaptureError(f"{fx_error} (The Dynamo fallback failed too: {dynamo_error})") from fx_error
         logger.info("symbolic tracing failed (%s); captured with Dynamo instead", fx_error)
         return captured
+    hiding = _opaque_relu_modules(traced, leaf_modules)
+    if not hiding:
+        return traced
+    if method == "auto" and not concrete_args and not leaf_modules:
+        try:
+            captured = dynamo_capture(private, example_inputs)
+        except CaptureError as dynamo_error:
+            logger.warning("torch.fx keeps %s opaque, with ReLUs inside, and Dynamo could not capture the model "
+                           "(%s); the ReLUs stay hidden", ", ".join(hiding), dynamo_error)
+            return traced
+        logger.info("torch.fx keeps %s opaque, with ReLUs inside; captured with Dynamo instead", ", ".join(hiding))
+        return captured
+    logger.warning("torch.fx keeps %s opaque, with ReLUs inside; capture='dynamo' (without leaf_modules or "
+                   "concrete_args) sees them", ", ".join(hiding))
+    return traced
+
+
+def _opaque_relu_modules(gm: fx.GraphModule, leaf_modules: Sequence[str]) -> list[str]:
+    """``call_module`` nodes of torch.nn transformer modules with a ReLU FFN, as "`name` (Class)"; the user's own
+    ``leaf_modules`` are left out (kept opaque on purpose)."""
+    return [f"`{node.target}` ({type(gm.get_submodule(str(node.target))).__name__})" for node in gm.graph.nodes
+            if node.op == "call_module" and str(node.target) not in leaf_modules
+            and relu_hiding_layers(gm.get_submodule(str(node.target)))]

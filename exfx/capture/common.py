@@ -1,15 +1,27 @@
-"""What every capture path shares: the trace lock, the eval-mode check and input normalisation."""
+"""What every capture path shares: the trace lock, the MHA fast-path switch, the eval-mode check, input normalisation.
+
+The fast path: in eval mode (and under ``no_grad``) ``nn.TransformerEncoderLayer``
+runs as one fused op (``torch._transformer_encoder_layer_fwd``) and
+``nn.MultiheadAttention`` as another (``torch._native_multi_head_attention``).
+A capture taken there hides the FFN's ``linear1 -> ReLU -> linear2`` (so no site)
+and the attention projections, and ``FlopCounterMode`` counts neither.
+:func:`mha_fastpath_disabled` switches it off for a capture or a FLOP count. That
+is safe because the fast path is an optimisation of the same math: the slow path
+computes the same function, op by op.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from exfx.errors import TrainingModeError, UnsupportedModelError
 
-__all__ = ["TRACE_LOCK", "check_eval_mode", "normalise_inputs"]
+__all__ = ["TRACE_LOCK", "check_eval_mode", "mha_fastpath_disabled", "normalise_inputs", "relu_hiding_layers"]
 
 
 # Containers have no behaviour of their own, so their training flag cannot matter; torch.fx creates plain
@@ -21,6 +33,54 @@ _CONTAINERS = (torch.nn.Module, torch.nn.Sequential, torch.nn.ModuleList, torch.
 #: torch.fx tracing patches ``nn.Module.__call__`` process-wide while it runs, so two traces in two
 #: threads would see each other's modules; exfx serialises its captures (the rest of compile is per call).
 TRACE_LOCK = threading.RLock()
+
+
+class _FastPathState:
+    """How many callers have the fast path switched off, and the flag they found (guarded by TRACE_LOCK)."""
+
+    users = 0
+    saved = True
+
+
+@contextlib.contextmanager
+def mha_fastpath_disabled() -> Iterator[None]:
+    """Run the body with ``torch.backends.mha`` 's fast path off; the flag is restored afterwards, even on error.
+
+    The flag is process-wide, so nested and concurrent callers share one switch:
+    the first to enter saves the flag and turns it off, the last to leave puts the
+    saved value back (the counter is kept under :data:`TRACE_LOCK`). Another
+    thread running a transformer meanwhile takes the slow path: same math, slower.
+    """
+    with TRACE_LOCK:
+        if _FastPathState.users == 0:
+            _FastPathState.saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _FastPathState.users += 1
+    try:
+        yield
+    finally:
+        with TRACE_LOCK:
+            _FastPathState.users -= 1
+            if _FastPathState.users == 0:
+                torch.backends.mha.set_fastpath_enabled(_FastPathState.saved)
+
+
+#: torch.nn's transformer layers, whose FFN runs ``linear1 -> activation -> linear2`` inside the module.
+_TRANSFORMER_LAYERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+def relu_hiding_layers(module: torch.nn.Module) -> list[str]:
+    """The qualified names of ``module``'s transformer layers (itself included, as ``""``) with a ReLU FFN.
+
+    torch.fx keeps every ``torch.nn`` module opaque, so a capture holding one of
+    these as a ``call_module`` node hides the ReLUs of the layers listed here.
+    """
+    return [name for name, layer in module.named_modules()
+            if isinstance(layer, _TRANSFORMER_LAYERS) and _is_relu(getattr(layer, "activation", None))]
+
+
+def _is_relu(activation: Any) -> bool:
+    return activation is torch.relu or activation is torch.nn.functional.relu or isinstance(activation, torch.nn.ReLU)
 
 
 def check_eval_mode(model: torch.nn.Module) -> None:

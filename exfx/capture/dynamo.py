@@ -7,7 +7,8 @@ the same level as ``torch.fx``'s (``F.linear``, ``torch.relu``), but it lifts
 parameters and buffers to graph inputs (``L_self_modules_fc1_parameters_weight_``).
 :func:`recover_parameters` puts them back as ``get_attr`` nodes under their
 dotted paths (``fc1.weight``), taken from Dynamo's record of where each input
-came from, so that site names are the same however the model was captured. The
+came from, so that site names are the same however the model was captured; a
+parameter is registered as a parameter and a buffer as a buffer. The
 torch.compile backend uses it too.
 
 A captured graph takes the model's tensor inputs, under the names of
@@ -47,7 +48,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from exfx.capture.common import TRACE_LOCK
+from exfx.capture.common import TRACE_LOCK, mha_fastpath_disabled
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
 from exfx.meta import INPUT_SIZES_KEY
 
@@ -94,7 +95,11 @@ def _set_tensor(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
         if not hasattr(owner, name):
             owner.add_module(name, torch.nn.Module())
         owner = getattr(owner, name)
-    owner.register_buffer(leaf, value.detach(), persistent=True)
+    if isinstance(value, torch.nn.Parameter):
+        # A parameter stays a parameter: the analysis tells stored constants (buffers) from weights.
+        owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        owner.register_buffer(leaf, value.detach(), persistent=True)
 
 
 def _model_input_names() -> set[str] | None:
@@ -299,7 +304,9 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
                                     "exfx_dynamo_capture")
     try:
         # Automatic dynamic shapes off: sizes seen in earlier captures (of other models) must not matter.
-        with TRACE_LOCK, torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        # The MHA fast path off: the graph then holds the transformer layers op by op, not as one fused op.
+        with (TRACE_LOCK, mha_fastpath_disabled(), torch.no_grad(),
+              torch._dynamo.config.patch(automatic_dynamic_shapes=False)):
             output = torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
     except ExfxError:
         raise

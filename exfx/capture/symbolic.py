@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import PH
 
-from exfx.capture.common import TRACE_LOCK
+from exfx.capture.common import TRACE_LOCK, mha_fastpath_disabled
 from exfx.errors import CaptureError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def symbolic_capture(model: torch.nn.Module, leaf_modules: Sequence[str],
         raise CaptureError(f"leaf_modules names {unknown} that are not submodules of the model")
     tracer = _PathTracer(leaf_modules)
     try:
-        with TRACE_LOCK:
+        with TRACE_LOCK, mha_fastpath_disabled():  # see exfx.capture.common: no fused transformer op
             graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as err:  # symbolic tracing raises many types; all mean the same to the user
         failed = tracer.exfx_failed_path

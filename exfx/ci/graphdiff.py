@@ -125,16 +125,22 @@ def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def site_summary(report: Report | None) -> list[str]:
-    """One line per ReLU: the site, its shape signature, group, and parameters or reason."""
+    """One line per ReLU-family activation: the site, its shape signature, group, and parameters or reason.
+
+    Other activations (GELU, sigmoid, ...), never sites, are left out: the text shows what the rewrite did.
+    """
     if report is None:
         return []
     lines = []
     for s in report.sites:
+        if not s.relu_family:
+            continue
         if s.eligible and s.params is not None:
             p = s.params
             threshold = _format_arg(float(p.threshold))
             rule = f"threshold T={threshold}" if p.rule == "threshold" else f"ztest alpha={p.alpha!r}"
-            samples = ",".join(map(str, p.samples))
+            rule = "exact" if p.rule == "exact" else (f"{rule} + exact" if p.exact else rule)
+            samples = ",".join(map(str, p.checkpoints))
             lines.append(f"site {s.name}: {s.signature}; group {s.group}; {rule}; samples {samples}")
         else:
             detail = f"{s.signature}; " if s.signature else ""

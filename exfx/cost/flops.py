@@ -21,6 +21,11 @@ work, but they are not early negative prediction: they are kept apart in
 :attr:`FlopReport.consumers`, and :attr:`FlopReport.enp_reduction` gives ENP's
 share alone (the paper's figure).
 
+The dominance op of a prediction head (``exfx::dominance_linear``,
+:mod:`exfx.ops.dominance`) is priced the same way, from the counts it returns: sampled
+terms and their second moments and one test per tested (row, class) at each
+checkpoint, the rest of the units per kept one; the head appears in ``.sites``.
+
 The per-site figures are gathered in a :class:`contextvars.ContextVar`, so
 counting in one thread never mixes with another's.
 """
@@ -39,8 +44,11 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from exfx import ops  # noqa: F401  (the exfx:: ops must exist before their formulas are registered)
-from exfx.cost.model import (FLOPS_PER_MULTIPLY_ADD, SiteCost, exit_test_flops, op_arguments, site_cost,
-                             sparse_input_flops, weight_label)
+from exfx.capture.common import mha_fastpath_disabled
+from exfx.cost.model import (FLOPS_PER_MULTIPLY_ADD, SiteCost, block_norm_flops, exact_exit_flops, exit_test_flops,
+                             op_arguments, site_cost, sparse_input_flops, weight_label)
+from exfx.ops.exact import block_count
+from exfx.cost.model import DOMINANCE_TEST_FLOPS, dominance_sample_flops
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +172,17 @@ def _early_exit_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
     return flops
 
 
+@register_flop_formula(torch.ops.exfx.exact_exit, get_raw=True)
+def _exact_exit_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
+    a = op_arguments(torch.ops.exfx.exact_exit, args, kwargs)
+    blocks = block_count(a["block_starts"], a["count"])
+    positions = out_val[0, 0].numel() if out_val.dim() > 2 else 1
+    norms = block_norm_flops(a["x"], a["weight"], a["n_units"], a["count"], blocks, positions)
+    flops = exact_exit_flops(_count_active(a["active"], out_val.shape), blocks, norms)
+    _record(a["site"], executed=flops)
+    return flops
+
+
 @register_flop_formula(torch.ops.exfx.complete, get_raw=True)
 def _complete_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> int:
     a = op_arguments(torch.ops.exfx.complete, args, kwargs)
@@ -202,6 +221,31 @@ def _sparse_input_linear_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> in
     return flops
 
 
+@register_flop_formula(torch.ops.exfx.dominance_linear, get_raw=True)
+def _dominance_linear_flops(*args: Any, out_val: tuple[Tensor, Tensor], **kwargs: Any) -> int:
+    """``exfx::dominance_linear``: the exact units for every class; per checkpoint, the sampled terms (and second
+    moments) and the test of each tested (row, class); the remaining units of each kept one."""
+    a = op_arguments(torch.ops.exfx.dominance_linear, args, kwargs)
+    x, classes, exact = a["x"], a["head"].shape[1], a["exact_units"]
+    units = x.shape[-1]
+    rows = x.numel() // max(1, units)
+    pooled = a["squares"].dim() == 1
+    tested = [int(v) for v in out_val[1].tolist()]
+    test = DOMINANCE_TEST_FLOPS if a["alpha"] > 0 else 0
+    flops = FLOPS_PER_MULTIPLY_ADD * exact * rows * classes
+    if pooled:  # the rows' mean squared input over the sampled units
+        flops += FLOPS_PER_MULTIPLY_ADD * (units - exact) * rows
+    done = 0
+    for count, pairs in zip(a["samples"], tested):
+        flops += (dominance_sample_flops(count - done, pooled) + test) * pairs
+        done = count
+    flops += FLOPS_PER_MULTIPLY_ADD * (units - exact - done) * tested[-1]
+    neurons = rows * classes
+    _record(a["site"], executed=flops, dense=FLOPS_PER_MULTIPLY_ADD * units * neurons, neurons=neurons,
+            pruned=neurons - tested[-1])
+    return flops
+
+
 class _NativeFormulas:
     registered = False
 
@@ -221,10 +265,16 @@ def register_native_flop_formulas() -> bool:
 
 
 def run_counting(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> tuple[Any, FlopReport]:
-    """Run ``module(*inputs, **kwargs)`` once; return its output and a :class:`FlopReport`."""
+    """Run ``module(*inputs, **kwargs)`` once; return its output and a :class:`FlopReport`.
+
+    The run takes ``nn.MultiheadAttention``'s slow path (the fast path is switched
+    off for it, and restored after): under ``no_grad`` the fast path's fused ops
+    are invisible to ``FlopCounterMode``, and the slow path computes the same
+    function, so the count is what a run with grad enabled counts.
+    """
     register_native_flop_formulas()
-    with (torch.no_grad(), _accounting(_SITES) as sites, _accounting(_CONSUMERS) as consumers,
-          FlopCounterMode(display=False) as counter):
+    with (mha_fastpath_disabled(), torch.no_grad(), _accounting(_SITES) as sites,
+          _accounting(_CONSUMERS) as consumers, FlopCounterMode(display=False) as counter):
         output = module(*inputs, **kwargs)
     executed = int(counter.get_total_flops())
     dense = executed + sum(s.dense - s.executed for s in sites.values())

@@ -26,7 +26,13 @@ site with fan-in ``n`` units of ``t`` multiply-adds each:
 - ``partial_sum`` over ``[a, b)``: ``2 (b - a) t``, plus ``MOMENT_FLOPS_PER_TERM (b - a)``
   under the z-test (the second moment), per *active* neuron;
 - ``early_exit``: ``THRESHOLD_TEST_FLOPS`` or ``ZTEST_TEST_FLOPS`` per tested neuron;
-- ``complete`` from unit ``a``: ``2 (n - a) t`` per *kept* neuron.
+- ``complete`` from unit ``a``: ``2 (n - a) t`` per *kept* neuron;
+- ``exact_exit`` at unit ``k`` with ``B`` bound blocks left: the block norms of the
+  input, once per call and shared by every output neuron (a square and an add per input
+  element of the unsampled units; per block, for a conv, a window sum over the kernel at
+  each output position; a square root each), then ``2 B + EXACT_TEST_FLOPS`` per
+  *tested* neuron (the bound's multiply-adds, adding it and the shift, the compare).
+  This is decision overhead, like the statistical tests.
 
 Example::
 
@@ -61,6 +67,8 @@ from exfx.ops.enp import fan_in_of, terms_per_unit
 logger = logging.getLogger(__name__)
 
 __all__ = ["THRESHOLD_TEST_FLOPS", "ZTEST_TEST_FLOPS", "MOMENT_FLOPS_PER_TERM", "FLOPS_PER_MULTIPLY_ADD",
+           "EXACT_TEST_FLOPS", "exact_exit_flops", "block_norm_flops", "DOMINANCE_TEST_FLOPS",
+           "dominance_sample_flops",
            "SiteCost", "site_cost", "exit_test_flops", "op_arguments", "sparse_input_flops",
            "CACHE_DIR_ENV", "FORCE_LOWERING_ENV", "WIN_MARGIN", "cache_dir", "machine_key", "TimingCache",
            "Choice", "LatencyModel", "label_weight", "weight_label"]
@@ -74,6 +82,22 @@ THRESHOLD_TEST_FLOPS = 4
 ZTEST_TEST_FLOPS = 12
 #: FLOPs per sampled term for the second moment (square and accumulate), charged only under the z-test.
 MOMENT_FLOPS_PER_TERM = 2
+#: FLOPs charged per tested neuron by the exact rule besides the bound's multiply-adds: add the shift and the
+#: bound, compare with the margin.
+EXACT_TEST_FLOPS = 3
+#: FLOPs per tested class of a dominance test (``exfx::dominance_exit``): scale the partial sum and add the exact
+#: part and bias, the variance from the two moments, the standard error with its finite-population correction
+#: (sqrt), both bounds, the row's best lower bound and the comparison.
+DOMINANCE_TEST_FLOPS = 16
+
+
+def dominance_sample_flops(units: int, pooled: bool = False) -> int:
+    """FLOPs per tested class of ``units`` more sampled head units: the term and its second moment (the squared
+    weights are stored, so each is one multiply-add), or, for the pooled variance, the term and one multiply
+    (the class's mean squared weight times the row's mean squared input)."""
+    if pooled:
+        return FLOPS_PER_MULTIPLY_ADD * units + 1
+    return (FLOPS_PER_MULTIPLY_ADD + MOMENT_FLOPS_PER_TERM) * units
 
 
 def exit_test_flops(rule: str) -> int:
@@ -121,6 +145,30 @@ class SiteCost:
             flops += fraction * exit_test_flops(rule)
             done = k
         return flops + active[-1] * (self.fan_in - done) * self.unit_flops
+
+
+def block_norm_flops(x: Tensor, weight: Tensor, n_units: int, count: int, blocks: int, out_positions: int) -> int:
+    """FLOPs of the input-side norms of the exact rule's bound over the unsampled units ``[count, n)`` of ``x``:
+    a square and an add per input element of those units, then per block a square root per row (linear) or,
+    for a conv, a window sum over the kernel (``2 K``) and a square root at each of the ``out_positions``
+    output positions (per sample and group). Shared by every output neuron."""
+    if blocks == 0:
+        return 0
+    fan_in = fan_in_of(x, weight, n_units)
+    per_unit = terms_per_unit(x, weight, n_units)
+    if weight.dim() == 2:
+        rows = x.numel() // max(1, x.shape[-1])
+        return rows * (2 * (fan_in - count) * per_unit + blocks)
+    groups = x.shape[1] // fan_in
+    spatial = x[0, 0].numel()
+    windows = blocks * out_positions * (FLOPS_PER_MULTIPLY_ADD * per_unit + 1)
+    return x.shape[0] * groups * (2 * (fan_in - count) * spatial + windows)
+
+
+def exact_exit_flops(tested: int, blocks: int, norms: int) -> int:
+    """FLOPs of one ``exact_exit`` call: the input-side block norms (:func:`block_norm_flops`), then the bound
+    (``blocks`` multiply-adds) and the test of each of ``tested`` neurons."""
+    return norms + tested * (FLOPS_PER_MULTIPLY_ADD * blocks + EXACT_TEST_FLOPS)
 
 
 def site_cost(x: Tensor, weight: Tensor, n_units: int) -> SiteCost:

@@ -1,7 +1,8 @@
 """The ``exfx::`` custom operators (declared with ``torch.library``).
 
 Importing this package registers them; ``torch.ops.exfx.partial_sum`` and friends
-are then available, with reference and fake implementations. Their FLOP formulas
+(``exact_exit``, the lossless test, in :mod:`exfx.ops.exact`) are then available,
+with reference and fake implementations. Their FLOP formulas
 are registered by :mod:`exfx.cost.flops`, from the cost model in :mod:`exfx.cost.model`.
 """
 
@@ -22,9 +23,11 @@ from exfx.ops.enp import (
     terms_per_unit,
     z_critical,
 )
+from exfx.ops.exact import exact_exit
+from exfx.ops.dominance import dominance_linear
 
-__all__ = ["RULES", "complete", "cutoff", "early_exit", "exit_statistic", "fan_in_of", "partial_sum",
-           "terms_per_unit", "z_critical"]
+__all__ = ["RULES", "complete", "cutoff", "dominance_linear", "early_exit", "exact_exit", "exit_statistic",
+           "fan_in_of", "partial_sum", "terms_per_unit", "z_critical"]
 
 #: Names that moved to the cost model: still served here, with a DeprecationWarning naming the new home.
 _MOVED = {"MOMENT_FLOPS_PER_TERM": "exfx.cost.model", "THRESHOLD_TEST_FLOPS": "exfx.cost.model",

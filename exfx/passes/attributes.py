@@ -1,7 +1,7 @@
 """Reading and placing the tensors a rewriting pass gives a GraphModule (folded weights, new biases).
 
-Not a pass: the helpers :mod:`.fold_batchnorm_pass` and :mod:`.snp_pass` share, so
-both name new parameters the same deterministic way.
+Not a pass: the helpers :mod:`.fold_batchnorm_pass`, :mod:`.snp_pass` and :mod:`.enp_pass` share, so
+they name new parameters and buffers the same deterministic way.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["owner_of", "free_bias_target"]
+__all__ = ["owner_of", "free_bias_target", "register_constant"]
 
 
 def owner_of(gm: torch.nn.Module, target: str) -> tuple[Any, str]:
@@ -34,3 +34,16 @@ def free_bias_target(gm: torch.nn.Module, weight_target: str, suffix: str) -> st
         index += 1
         candidate = f"{weight_target}{suffix}{index}"
     return candidate
+
+
+def register_constant(gm: torch.nn.Module, name: str, value: torch.Tensor) -> str:
+    """Register ``value`` on ``gm`` as a buffer called ``name`` (``name_2``, ``name_3``... if taken); its final name.
+
+    A buffer, not a plain attribute, so ``gm.to(device)`` and ``copy.deepcopy(gm)`` carry it.
+    """
+    final, index = name, 1
+    while hasattr(gm, final):
+        index += 1
+        final = f"{name}_{index}"
+    gm.register_buffer(final, value)
+    return final

@@ -4,7 +4,15 @@ What it rewrites:
 
 - **ReLU.** ``nn.ReLU`` (in place or not), ``F.relu`` (``inplace=True`` too),
   ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_``
-  all become ``torch.relu(x)``.
+  all become ``torch.relu(x)``, and so does a clamp at 0 with no upper bound
+  (``torch.clamp(x, min=0)``, ``x.clamp_min(0)``, ``torch.clamp_min_(x, 0)``, ...).
+- **ReLU6 and its kin.** ``nn.ReLU6``, ``F.relu6``, ``nn.Hardtanh(0, t)``,
+  ``F.hardtanh(x, 0, t)``, ``F.hardtanh_`` and ``torch.clamp``/``torch.clip``/``Tensor.clamp``
+  (and their in-place forms) with a lower bound of exactly 0 and a number ``t > 0``
+  above all become ``torch.clamp(x, 0.0, t)`` (positional floats): like ReLU, they
+  output 0 exactly where the input is <= 0, so they are sites too
+  (:func:`exfx.analysis.opsets.is_site_activation`). A clamp with a tensor bound or
+  another lower bound is left as it is (an element-wise op).
 - **Linear and conv.** ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` modules and
   the ``F.linear``/``F.conv1d``/``F.conv2d`` functions become
   ``F.linear(x, weight, bias)`` or ``F.convNd(x, weight, bias, stride=[..],
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 import re
 from typing import Any
@@ -49,7 +58,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from exfx.analysis.opsets import CANONICAL_CONVS, is_producer, is_relu
+from exfx.analysis.opsets import CANONICAL_CONVS, is_capped_relu, is_producer, is_relu
 from exfx.errors import UnsupportedModelError
 from exfx.meta import set_producer_name, set_relu_source
 
@@ -63,6 +72,18 @@ _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
 _INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
+# The ReLU family spelled as a clamp: target -> (names of its (lower, upper) bound arguments, in place).
+# Positions follow the input: ``torch.clamp(input, min, max)``, ``F.hardtanh(input, min_val, max_val, inplace)``.
+_CLAMP_SPELLINGS: dict[Any, tuple[tuple[str, str | None], bool]] = {
+    torch.clamp: (("min", "max"), False), torch.clip: (("min", "max"), False),
+    torch.clamp_: (("min", "max"), True), torch.clip_: (("min", "max"), True),
+    torch.clamp_min: (("min", None), False), torch.clamp_min_: (("min", None), True),
+    F.hardtanh: (("min_val", "max_val"), False), F.hardtanh_: (("min_val", "max_val"), True),
+    "clamp": (("min", "max"), False), "clip": (("min", "max"), False),
+    "clamp_": (("min", "max"), True), "clip_": (("min", "max"), True),
+    "clamp_min": (("min", None), False), "clamp_min_": (("min", None), True),
+}
+_HARDTANH_DEFAULTS = {"min_val": -1.0, "max_val": 1.0}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
 _IDENTITY_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Identity)
@@ -123,6 +144,10 @@ class CanonicalizePass(PassBase):
             module = gm.get_submodule(str(node.target))
             if isinstance(module, torch.nn.ReLU):
                 return self._relu(gm, node, node.args[0], module.inplace, str(node.target))
+            family = _capped_relu_call(gm, node)
+            if family is not None:
+                source, ceiling, inplace = family
+                return self._relu(gm, node, source, inplace, str(node.target), ceiling)
             if isinstance(module, _IDENTITY_MODULES):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
@@ -146,13 +171,16 @@ class CanonicalizePass(PassBase):
                 return True
             return False
         if node.op == "call_function":
-            if node.target is torch.relu and len(node.args) == 1 and not node.kwargs:
+            if (node.target is torch.relu and len(node.args) == 1 and not node.kwargs) or is_capped_relu(node):
                 set_relu_source(node, node.name, overwrite=False)
                 return False
             if node.target in _RELU_FUNCTIONS:
                 inplace = node.target in _INPLACE_RELU_FUNCTIONS or bool(
                     node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
                 return self._relu(gm, node, node.args[0] if node.args else node.kwargs["input"], inplace)
+            family = _capped_relu_call(gm, node)
+            if family is not None:
+                return self._relu(gm, node, family[0], family[2], ceiling=family[1])
             if self._inplace_function(gm, node):
                 return True
             if node.target in _DROPOUT_FUNCTIONS:
@@ -167,6 +195,9 @@ class CanonicalizePass(PassBase):
         if node.op == "call_method":
             if node.target in ("relu", "relu_"):
                 return self._relu(gm, node, node.args[0], node.target == "relu_")
+            family = _capped_relu_call(gm, node)
+            if family is not None:
+                return self._relu(gm, node, family[0], family[2], ceiling=family[1])
             if self._inplace_method(gm, node):
                 return True
             if node.target == "matmul":
@@ -223,9 +254,12 @@ class CanonicalizePass(PassBase):
 
     # -- ReLU ---------------------------------------------------------------
 
-    def _relu(self, gm: fx.GraphModule, node: fx.Node, source: Any, inplace: bool, source_name: str = "") -> bool:
+    def _relu(self, gm: fx.GraphModule, node: fx.Node, source: Any, inplace: bool, source_name: str = "",
+              ceiling: float | None = None) -> bool:
+        """``node`` -> ``torch.relu(source)``, or ``torch.clamp(source, 0.0, ceiling)`` for a capped ReLU."""
         with gm.graph.inserting_before(node):
-            relu = gm.graph.call_function(torch.relu, (source,))
+            relu = gm.graph.call_function(torch.relu, (source,)) if ceiling is None else gm.graph.call_function(
+                torch.clamp, (source, 0.0, ceiling))
         relu.meta.update(node.meta)
         set_relu_source(relu, source_name or node.name)
         if inplace and isinstance(source, fx.Node):
@@ -354,6 +388,53 @@ class CanonicalizePass(PassBase):
 
 def _slug(name: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_") or "module"
+
+
+def _argument(node: fx.Node, position: int, name: str | None, default: Any = None) -> Any:
+    if position < len(node.args):
+        return node.args[position]
+    return node.kwargs.get(name, default) if name is not None else default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _capped_relu_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, float | None, bool] | None:
+    """``(input, ceiling, in place)`` when ``node`` is a ReLU-family clamp: lower bound exactly 0, upper bound a
+    number > 0 (``ceiling``) or none (``ceiling`` None: a plain ReLU); None for anything else.
+
+    ``nn.ReLU6``/``nn.Hardtanh`` modules (not subclasses that change ``forward``), ``F.relu6``,
+    ``F.hardtanh[_]`` and the clamp spellings of :data:`_CLAMP_SPELLINGS`.
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if not (isinstance(module, torch.nn.Hardtanh) and type(module).forward is torch.nn.Hardtanh.forward):
+            return None
+        source, low, high, inplace = node.args[0] if node.args else None, module.min_val, module.max_val, \
+            module.inplace
+    elif node.op == "call_function" and node.target is F.relu6:
+        source, low, high = _argument(node, 0, "input"), 0.0, 6.0
+        inplace = _argument(node, 1, "inplace", False)
+    else:
+        key = node.target if node.op == "call_function" else str(node.target) if node.op == "call_method" else None
+        try:
+            spelling = _CLAMP_SPELLINGS.get(key)
+        except TypeError:  # an unhashable callable
+            return None
+        if spelling is None:
+            return None
+        (low_name, high_name), inplace = spelling
+        source = _argument(node, 0, "input")
+        low = _argument(node, 1, low_name, _HARDTANH_DEFAULTS.get(low_name))
+        high = _argument(node, 2, high_name, _HARDTANH_DEFAULTS.get(high_name or ""))
+        if node.target is F.hardtanh:
+            inplace = _argument(node, 3, "inplace", False)
+    if not isinstance(source, fx.Node) or not isinstance(inplace, bool) or not _is_number(low) or low != 0:
+        return None
+    if high is not None and not (_is_number(high) and high > 0):
+        return None
+    return source, (None if high is None or math.isinf(high) else float(high)), inplace
 
 
 def _fresh_attr(gm: fx.GraphModule, name: str) -> str:

@@ -2,8 +2,12 @@
 
 An analysis pass; it changes no node and no weight. It builds the axis graph of
 :mod:`exfx.analysis.axes` (which axes must be permuted together), names its
-exchangeable groups, and matches every canonical ReLU against the site pattern of
-:mod:`exfx.analysis.sites`.
+exchangeable groups, and matches every canonical ReLU-family activation (``torch.relu``
+and the capped ReLU ``torch.clamp(x, 0.0, t)`` of ReLU6) against the site pattern of
+:mod:`exfx.analysis.sites`. Every other activation (GELU, SiLU, sigmoid, ...) gets a
+record too, never eligible, saying it is not a site, and so does a ReLU hidden in a
+fused transformer op or an opaque ``torch.nn`` transformer module
+(:mod:`exfx.analysis.hidden`), whose reason says how to capture it.
 
 What it writes (accessors in :mod:`exfx.meta`):
 
@@ -37,10 +41,11 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from exfx.analysis.axes import AxisGroups, build_axis_graph, exchangeable_groups
+from exfx.analysis.hidden import hidden_relu_site
 from exfx.analysis.shapes import rank_of
 from exfx.analysis.sites import match_site
-from exfx.meta import SiteMatch, set_axis_groups, set_site_match
-from exfx.analysis.opsets import is_relu
+from exfx.meta import SiteMatch, relu_source, set_axis_groups, set_site_match
+from exfx.analysis.opsets import activation_name, is_capped_relu, is_site_activation
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +60,9 @@ class ExchangeabilityPass(PassBase):
             (a backbone's features, or a value live across a graph break); their
             axes are not pinned as model inputs.
 
-    After ``call``, ``self.sites`` holds one :class:`~exfx.meta.SiteMatch` per ReLU
-    in graph order (also stored on the ReLU nodes) and ``self.groups`` the
+    After ``call``, ``self.sites`` holds one :class:`~exfx.meta.SiteMatch` per activation
+    in graph order (also stored on the activation nodes; :attr:`~exfx.meta.SiteMatch.relu_family`
+    tells the ReLU family's from the others') and ``self.groups`` the
     :class:`~exfx.analysis.axes.AxisGroups`.
     """
 
@@ -77,18 +83,46 @@ class ExchangeabilityPass(PassBase):
             node_rank = rank_of(node)
             if node_rank is not None:
                 set_axis_groups(node, [self.groups.group_of.get((node.name, a)) for a in range(node_rank)])
-        self.sites = []
+        records: list[tuple[fx.Node, SiteMatch]] = []
         used: dict[str, int] = {}
+        others: list[tuple[fx.Node, str]] = []
         for node in graph_module.graph.nodes:
-            if not is_relu(node):
+            hidden = hidden_relu_site(graph_module, node)  # a fused layer or an opaque module: reported, not a site
+            if hidden is not None:
+                records.append((node, _unique(hidden, used)))
+                continue
+            if not is_site_activation(node):
+                activation = activation_name(node)
+                if activation is not None:
+                    others.append((node, activation))
                 continue
             site = match_site(node, axes, self.groups)
-            count = used.get(site.name, 0)
-            used[site.name] = count + 1
-            if count:  # a producer name seen before (a shared module): keep site names unique
-                site = dataclasses.replace(site, name=f"{site.name}#{count + 1}")
+            if is_capped_relu(node):
+                site = dataclasses.replace(site, activation="clamp")
+            records.append((node, _unique(site, used)))
+        # Named after the ReLU family's records, so adding them never renames a site.
+        records += [(node, _unique(_not_a_site(node, activation), used)) for node, activation in others]
+        order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
+        records.sort(key=lambda record: order[record[0]])
+        for node, site in records:
             set_site_match(node, site)
-            self.sites.append(site)
-        logger.debug("exchangeability: %d groups, %d ReLUs, %d structurally eligible", len(self.groups.groups),
-                     len(self.sites), sum(s.eligible for s in self.sites))
+        self.sites = [site for _, site in records]
+        logger.debug("exchangeability: %d groups, %d ReLU-family activations, %d structurally eligible, "
+                     "%d other activations", len(self.groups.groups), len(records) - len(others),
+                     sum(s.eligible for s in self.sites), len(others))
         return PassResult(graph_module, False)
+
+
+def _unique(site: SiteMatch, used: dict[str, int]) -> SiteMatch:
+    """``site``, renamed ``name#2``, ``name#3``, ... when its name was seen before (a shared module)."""
+    count = used.get(site.name, 0)
+    used[site.name] = count + 1
+    return dataclasses.replace(site, name=f"{site.name}#{count + 1}") if count else site
+
+
+def _not_a_site(node: fx.Node, activation: str) -> SiteMatch:
+    """The record of an activation that is never a site: it is not 0 on the whole half-line ``x <= 0``, so a
+    neuron predicted negative cannot be skipped exactly."""
+    return SiteMatch(name=relu_source(node) if node.op != "call_module" else str(node.target), relu=node.name,
+                     reason=f"not a site: activation `{activation}` is not zero on a half-line",
+                     activation=activation)

@@ -21,8 +21,10 @@ reads the site's output directly becomes ``exfx.sparse_input_linear(out, W2.T,
 b2)`` where that measures faster. Sites the native kernel cannot run (convs,
 multi-checkpoint schedules, the GCN form) are never handed to the ENP rewrite in
 native mode (see :func:`native_blocker`), so they stay as the analysed graph had
-them: producer + ReLU, plain dense. The masked reference ops never survive in
-native mode, because they are always slower than dense.
+them: producer + ReLU, plain dense. A site under the exact rule is the exception: no native
+kernel runs its test, and it stays on the reference ops, with
+:data:`EXACT_LOWERING_REASON` recorded. Otherwise the masked reference ops never survive
+in native mode, because they are always slower than dense.
 
 Why it is exact:
 
@@ -31,6 +33,8 @@ Why it is exact:
   so its keep mask is the reference's; a kept neuron is ``S_k + rest + b + res``,
   the reference's value up to summation order; a pruned one is exactly 0, as the
   reference's ``complete`` makes it; ``relu=True`` applies the ReLU the chain had.
+  At a capped-ReLU site (ReLU6: ``clamp(pre, 0.0, t)``) the clamp node stays after
+  the kernel and keeps the upper bound.
 - the dense form is the original pre-activation (the residual operands joined
   first: a float reassociation), i.e. the site without pruning.
 - ``sparse_input_linear`` skips input units that are exactly 0; a 0 input
@@ -64,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from exfx.analysis.opsets import activation_ceiling
 from exfx.config import Plan, SiteParams
 from exfx.cost.flops import register_native_flop_formulas
 from exfx.cost.model import LatencyModel, label_weight, op_arguments
@@ -74,10 +79,14 @@ from exfx.ops.enp import cutoff, exit_statistic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LowerPass", "native_blocker", "LOWERINGS", "check_lowering", "planned_keep", "lowering_rows"]
+__all__ = ["LowerPass", "native_blocker", "LOWERINGS", "EXACT_LOWERING_REASON", "check_lowering", "planned_keep",
+           "lowering_rows"]
 
 #: The values of ``compile(..., lowering=...)``.
 LOWERINGS = ("reference", "native")
+#: Why a site under the exact rule keeps its reference ops in native mode.
+EXACT_LOWERING_REASON = ("the exact rule has no native kernel yet: kept on the reference ops (masked dense "
+                         "compute, slower than dense; its FLOPs are what the masks save)")
 
 _OPS = torch.ops.exfx
 
@@ -177,7 +186,10 @@ def _find_chains(graph: fx.Graph) -> list[_Chain]:
             continue
         done = op_arguments(_OPS.complete, node.args, node.kwargs)
         exit_node, sum_node = done["active"], done["state"]
-        exit_args = op_arguments(_OPS.early_exit, exit_node.args, exit_node.kwargs)
+        exact = exit_node.target is _OPS.exact_exit.default
+        exit_args = op_arguments(exit_node.target, exit_node.args, exit_node.kwargs)
+        if exact:  # the exact rule's test: no native kernel; the chain stays on the reference ops
+            exit_args.update(rule="exact", param=0.0)
         sum_args = op_arguments(_OPS.partial_sum, sum_node.args, sum_node.kwargs)
         users = list(node.users)
         relu = users[0] if len(users) == 1 and site_match(users[0]) is not None else None
@@ -191,8 +203,8 @@ def _find_chains(graph: fx.Graph) -> list[_Chain]:
             x=done["x"], weight=done["weight"], bias=done["bias"], residual=done["residual"],
             count=int(exit_args["count"]), n_units=int(done["n_units"]), rule=str(exit_args["rule"]),
             param=float(exit_args["param"]),
-            blocker=_chain_blocker(match, sum_args["state"] if sum_args["state"] is not None else exit_args["active"],
-                           done["x"]),
+            blocker=EXACT_LOWERING_REASON if exact else _chain_blocker(
+                match, sum_args["state"] if sum_args["state"] is not None else exit_args["active"], done["x"]),
             consumers=consumers))
     return chains
 
@@ -349,9 +361,12 @@ class LowerPass(PassBase):
             chain, x, weight, bias, residual, keep)
         rows = x.numel() // max(1, x.shape[-1])
 
+        ceiling = activation_ceiling(chain.relu)
+
         def dense() -> Tensor:
             pre = F.linear(x, weight, bias)
-            return torch.relu(pre if residual is None else pre + residual)
+            pre = pre if residual is None else pre + residual
+            return torch.relu(pre) if ceiling is None else torch.clamp(pre, 0.0, ceiling)
 
         def native_call() -> Tensor:
             return _OPS.enp_linear(x, relaid.head, relaid.tail, bias, residual, chain.count, chain.n_units,
@@ -406,6 +421,13 @@ class LowerPass(PassBase):
             set_rewrite_role(node, chain.site, role)
         set_lowering(fused, record)
         set_lowering(out, record)
+        if activation_ceiling(chain.relu) is not None:
+            # A capped ReLU keeps its upper clamp: clamp(relu(pre), 0.0, t) == clamp(pre, 0.0, t).
+            chain.relu.args = (out, *chain.relu.args[1:])
+            set_lowering(chain.relu, record)
+            for node in (chain.complete, chain.early_exit, chain.partial_sum):
+                graph.erase_node(node)
+            return chain.relu
         # The kernel applied the ReLU (relu=True): the ReLU's readers read the kernel's output instead.
         chain.relu.replace_all_uses_with(out)
         for node in (chain.relu, chain.complete, chain.early_exit, chain.partial_sum):
@@ -423,7 +445,7 @@ class LowerPass(PassBase):
                 pre = graph.create_node("call_function", torch.add, (pre, chain.residual),
                                         name=f"{slug}_dense_residual")
                 set_rewrite_role(pre, chain.site, "dense_residual")
-        chain.relu.args = (pre,)
+        chain.relu.args = (pre, *chain.relu.args[1:])  # a capped ReLU keeps its bounds
         set_lowering(chain.relu, record)
         for node in (chain.complete, chain.early_exit, chain.partial_sum):
             graph.erase_node(node)

@@ -1,6 +1,7 @@
 """Which hidden axes static pruning may shrink, read from the exchangeable groups of an :class:`exfx.Analysis`.
 
-A *prunable layer* is the unit axis of one ReLU ``relu(producer(x, W, b))``
+A *prunable layer* is the unit axis of one ReLU ``relu(producer(x, W, b))`` (or a
+capped ReLU ``clamp(producer(x, W, b), 0.0, t)``: ReLU6)
 whose exchangeable group (see :mod:`exfx.analysis.axes`) holds only axes whose
 slicing this module knows how to do:
 
@@ -42,7 +43,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from exfx.analysis.axes import AxisGroups
-from exfx.analysis.opsets import POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_producer, is_relu
+from exfx.analysis.opsets import (POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_producer,
+                                  is_site_activation)
 from exfx.analysis.shapes import rank_of, shape_of
 from exfx.meta import producer_name, site_match
 
@@ -227,7 +229,7 @@ class _GroupReader:
             return f"the units feed the grouped conv {_describe(node)} (groups={node.kwargs.get('groups')})"
         if is_producer(node):
             return f"another producer ({_describe(node)}) writes the same units (tied weights?)"
-        if is_relu(node):
+        if is_site_activation(node):
             return f"a second ReLU ({_describe(node)}) shares the units"
         if _is_channelwise(self.gm, node):
             return None
@@ -328,7 +330,7 @@ def find_prunable_layers(gm: fx.GraphModule, groups: AxisGroups) -> tuple[list[P
     layers: list[PrunableLayer] = []
     refused: list[RefusedLayer] = []
     for node in gm.graph.nodes:
-        if not is_relu(node):
+        if not is_site_activation(node):  # ReLU or ReLU6: the fold reads the units' values, whatever made them
             continue
         verdict = _read_relu(gm, groups, node)
         if isinstance(verdict, PrunableLayer):

@@ -44,8 +44,10 @@ Both select on the data they are given; hand them a validation split, never the
 test set.
 
 Stages: :mod:`.instrument` (step 1), :mod:`.pricing` (steps 2-3), this module
-(the search). The model is analysed once (:func:`exfx.analyse`); the baseline,
-the probe and every evaluated plan are compiled from that one analysis. Pass an
+(the search). Under ``torch.distributed`` each rank reads its shard of the data and
+:mod:`.distributed` combines the ranks' records and evaluations into one process's.
+The model is analysed once (:func:`exfx.analyse`); the baseline, the probe and
+every evaluated plan are compiled from that one analysis. Pass an
 :class:`exfx.Analysis` as ``model`` to reuse yours.
 """
 
@@ -63,7 +65,7 @@ import torch
 from tqdm.auto import tqdm
 
 from exfx.api import Analysis
-from exfx.config import Config, Plan
+from exfx.config import Config, Plan, SiteParams
 from exfx.tune.evaluation import (
     Batch,
     Evaluation,
@@ -71,13 +73,13 @@ from exfx.tune.evaluation import (
     analysis_of,
     check_budget,
     drop_bound,
-    evaluate,
     plan_for,
     quiet,
     tunable_sites,
     with_calibration_record,
 )
-from exfx.tune.instrument import instrument, record_gains
+from exfx.tune.distributed import Ranks
+from exfx.tune.instrument import SiteSample, instrument, record_gains
 from exfx.tune.pricing import allocation_path, candidates, harm_scales
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iter
               schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
               max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
               sensitivity: str = "gradient", progress: bool | None = None,
-              tracing: Mapping[str, Any] | None = None) -> Plan:
+              tracing: Mapping[str, Any] | None = None, distributed: bool | None = None) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
     Args:
@@ -138,13 +140,21 @@ def calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iter
         tracing: the capture options of :func:`exfx.compile` (``leaf_modules``,
             ``concrete_args``, ``hidden_inputs``, ``capture``), used for every
             compile and analysis; compile the plan with the same ones.
+        distributed: calibrate over the ranks of ``torch.distributed`` (default
+            None: when a process group of more than one rank is initialised;
+            True: it must be; False: this process alone, on its own data). Every
+            rank calls ``calibrate`` with the same arguments and its own shard of
+            ``data`` (:func:`exfx.shard_batches`); each rank instruments and
+            evaluates its shard, and every rank returns the same plan: the one a
+            single process returns on the shards concatenated in rank order.
+            Save it from rank 0 only. See :mod:`exfx.tune.distributed`.
 
     See the module docstring for the method. ``plan.meta["calibration"]`` holds
     ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
     ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
     """
     return _calibrate(model, example_inputs, data, metric, (budget,), config, schedules, alphas, max_evals,
-                      max_neurons, seed, confidence, sensitivity, progress, tracing)[0]
+                      max_neurons, seed, confidence, sensitivity, progress, tracing, distributed)[0]
 
 
 def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
@@ -152,7 +162,8 @@ def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, da
                       schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
                       alphas: Sequence[float] = DEFAULT_ALPHAS, max_evals: int = 10, max_neurons: int = 200_000,
                       seed: int = 0, confidence: float | None = None, sensitivity: str = "gradient",
-                      progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> dict[float, Plan]:
+                      progress: bool | None = None, tracing: Mapping[str, Any] | None = None,
+                      distributed: bool | None = None) -> dict[float, Plan]:
     """:func:`calibrate` for several budgets at once: budget -> plan, each as ``calibrate`` would return it.
 
     The baseline, the instrumented pass, the gains and the allocation path do not
@@ -176,34 +187,41 @@ def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, da
     if not budgets:
         raise ValueError("budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got none")
     plans = _calibrate(model, example_inputs, data, metric, budgets, config, schedules, alphas, max_evals,
-                       max_neurons, seed, confidence, sensitivity, progress, tracing)
+                       max_neurons, seed, confidence, sensitivity, progress, tracing, distributed)
     return {float(budget): plan for budget, plan in zip(budgets, plans)}
 
 
 def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
                budgets: tuple[float, ...], config: Config | None, schedules: Sequence[tuple[int, ...]],
                alphas: Sequence[float], max_evals: int, max_neurons: int, seed: int, confidence: float | None,
-               sensitivity: str, progress: bool | None, tracing: Mapping[str, Any] | None) -> list[Plan]:
+               sensitivity: str, progress: bool | None, tracing: Mapping[str, Any] | None,
+               distributed: bool | None) -> list[Plan]:
     started = time.perf_counter()
+    ranks = Ranks.detect(distributed)
+    ranks.check_arguments({"budgets": budgets, "config": config, "schedules": schedules, "alphas": alphas,
+                           "max_evals": max_evals, "max_neurons": max_neurons, "seed": seed,
+                           "confidence": confidence, "sensitivity": sensitivity})
+    progress = ranks.progress(progress)
     budgets = tuple(check_budget(budget, schedules) for budget in budgets)
     rules, schedules, alphas = _check_search(config, schedules, alphas, max_evals, confidence, sensitivity)
     data = data if isinstance(data, (list, tuple)) else list(data)
     analysis = analysis_of(model, example_inputs, tracing)
+    first_batch, total_batches = ranks.check_model_and_data(analysis, len(data))
     sites, signatures = tunable_sites(analysis, schedules), analysis.signatures
-    baseline = evaluate(analysis.compile(plan_for(signatures)), data, metric, desc="exfx calibrate: baseline",
-                        progress=progress)
+    baseline = ranks.evaluate(analysis.compile(plan_for(signatures)), data, metric, desc="exfx calibrate: baseline",
+                              progress=progress)
     if not sites:
-        return [with_calibration_record(plan_for(signatures), baseline, baseline, 1, started, budget, math.inf,
-                                        budgets) for budget in budgets]
+        unpruned = [with_calibration_record(plan_for(signatures), baseline, baseline, 1, started, budget, math.inf,
+                                            budgets) for budget in budgets]
+        return ranks.on_first(lambda: unpruned)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= (s.fan_in or 0) for k in sch}))
                    for s in sites}
-    samples = instrument(analysis, data, checkpoints, max_neurons, seed, progress)
+    samples = instrument(analysis, data, checkpoints, max_neurons, seed, progress, first_batch=first_batch,
+                         total_batches=total_batches)
     if sensitivity == "gradient":
-        record_gains(analysis, data, samples, seed, progress)
-    scales = harm_scales(samples)
-    options = {name: candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
-
-    path = allocation_path(options, float(baseline.dense))
+        record_gains(analysis, data, samples, seed, progress, first_batch=first_batch)
+    samples = ranks.merge_samples(samples)  # every rank's records, on rank 0
+    path = ranks.on_first(lambda: _price(samples, schedules, alphas, rules, float(baseline.dense)))
     logger.info("calibrate: %d sites, %d distinct allocations on the path", len(sites), len(path))
     evaluated: dict[int, tuple[Plan, Evaluation, float]] = {}  # path index -> plan, result, bounded drop
 
@@ -211,11 +229,11 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
         if index not in evaluated:
             lam, allocation = path[index]
             plan = plan_for(signatures, allocation)
-            result = evaluate(analysis.compile(plan), data, metric, desc=f"exfx calibrate: lam={lam:.3g}",
-                              progress=progress)
+            result = ranks.evaluate(analysis.compile(plan), data, metric, desc=f"exfx calibrate: lam={lam:.3g}",
+                                    progress=progress)
             drop = baseline.score - result.score
-            if confidence is not None:
-                drop = max(drop, drop_bound(metric, baseline, result, confidence, seed=seed))
+            if confidence is not None:  # the outputs are on rank 0
+                drop = max(drop, ranks.on_first(lambda: drop_bound(metric, baseline, result, confidence, seed=seed)))
             evaluated[index] = (plan, result, drop)
             bar.update(1)
         return evaluated[index]
@@ -225,11 +243,20 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
     found = [_binary_search(path, budget, max_evals, evaluate_at, baseline.score) for budget in budgets]
     bar.close()
     evals = 1 + len(evaluated)
-    return [with_calibration_record(plan_for(signatures), baseline, baseline, evals, started, budget, math.inf,
-                                    budgets) if index is None
-            else with_calibration_record(evaluated[index][0], baseline, evaluated[index][1], evals, started, budget,
-                                         path[index][0], budgets)
-            for budget, index in zip(budgets, found)]
+    plans = [with_calibration_record(plan_for(signatures), baseline, baseline, evals, started, budget, math.inf,
+                                     budgets) if index is None
+             else with_calibration_record(evaluated[index][0], baseline, evaluated[index][1], evals, started, budget,
+                                          path[index][0], budgets)
+             for budget, index in zip(budgets, found)]
+    return ranks.on_first(lambda: plans)  # rank 0's, so that every rank returns the very same plans
+
+
+def _price(samples: Mapping[str, SiteSample], schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],
+           rules: tuple[str, ...], dense: float) -> list[tuple[float, dict[str, SiteParams]]]:
+    """Steps 2-3: every site's candidates priced on its records, and the allocation path."""
+    scales = harm_scales(samples)
+    options = {name: candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
+    return allocation_path(options, dense)
 
 
 def _check_search(config: Config | None, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Evaluation", "Metric", "Batch", "evaluate", "drop_bound", "oracle", "split_batch", "concat_batches",
            "select_examples", "count_examples", "tracing_options", "analysis_of", "quiet", "plan_for", "tunable_sites",
-           "check_budget",
+           "check_budget", "run_batches", "score_batches",
            "with_calibration_record"]
 
 #: ``metric(outputs, targets) -> float``, higher is better.
@@ -161,6 +161,12 @@ def split_batch(batch: Batch) -> tuple[tuple[Any, ...], Any]:
 def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, desc: str = "evaluate",
              progress: bool | None = None) -> Evaluation:
     """Run ``module`` over ``data``; score all outputs at once with ``metric`` and count FLOPs."""
+    return score_batches(*run_batches(module, data, desc=desc, progress=progress), metric)
+
+
+def run_batches(module: torch.nn.Module, data: Iterable[Batch], *, desc: str = "evaluate",
+                progress: bool | None = None) -> tuple[list[Any], list[Any], int, int]:
+    """Run ``module`` over ``data``: each batch's outputs and targets, and the executed and dense FLOPs in all."""
     outputs, targets, executed, dense = [], [], 0, 0
     for batch in tqdm(data, desc=desc, disable=quiet(progress), leave=False):
         inputs, target = split_batch(batch)
@@ -169,6 +175,11 @@ def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, 
         targets.append(target)
         executed += flops.executed
         dense += flops.dense
+    return outputs, targets, executed, dense
+
+
+def score_batches(outputs: list[Any], targets: list[Any], executed: int, dense: int, metric: Metric) -> Evaluation:
+    """The :class:`Evaluation` of the batches' ``outputs`` and ``targets``, combined along dim 0 and scored once."""
     if not outputs:
         raise ExfxError("calibration data is empty")
     outputs, targets = concat_batches(outputs), concat_batches(targets)

@@ -7,6 +7,11 @@ test statistics at every checkpoint and the true pre-activation at completion.
 :func:`record_gains` then runs the analysed graph with autograd for the
 first-order gain of the same neurons on the outputs. :mod:`.pricing` replays
 candidate plans on these records offline.
+
+Each batch draws its neuron sample and its output projection from its own
+generator (:func:`batch_generator`), seeded by ``seed`` and the batch's index in
+the whole data, so a batch records the same neurons whichever process reads it:
+:mod:`.distributed` shards the batches over ranks and still gets one process's records.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from exfx.analysis.opsets import activation_ceiling, is_site_activation
 from exfx.api import Analysis
 from exfx.config import RULES, SiteParams
 from exfx.cost.model import SiteCost, op_arguments, site_cost
@@ -31,7 +38,21 @@ from exfx.tune.evaluation import Batch, plan_for, quiet, split_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteSample", "Recorder", "GainProbe", "instrument", "record_gains", "on_cpu"]
+__all__ = ["SiteSample", "Recorder", "GainProbe", "instrument", "record_gains", "on_cpu", "batch_generator",
+           "NEURON_STREAM", "PROJECTION_STREAM"]
+
+#: The :func:`batch_generator` streams: the neuron sample, and the gains' random output projection.
+NEURON_STREAM, PROJECTION_STREAM = 0, 1
+
+
+def batch_generator(seed: int, batch: int, stream: int = NEURON_STREAM) -> torch.Generator:
+    """A CPU generator for one batch, seeded by (``seed``, the batch's index in the whole data, ``stream``).
+
+    What a batch draws depends on nothing read before it, so any split of the
+    batches over processes draws the same numbers as one process reading them all.
+    """
+    word = np.random.SeedSequence((seed % 2**64, batch, stream)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(word))
 
 
 @dataclass
@@ -44,6 +65,7 @@ class SiteSample:
     pre: list[torch.Tensor] = field(default_factory=list)
     picks: list[torch.Tensor] = field(default_factory=list)  # the sampled indices, one tensor per batch
     gains: list[torch.Tensor] = field(default_factory=list)  # d(r . outputs) / d(activation), per sampled neuron
+    ceiling: float | None = None  # the upper bound t of a capped-ReLU site (ReLU6: clamp(pre, 0, t)); None: ReLU
 
     @property
     def fan_in(self) -> int:
@@ -56,7 +78,7 @@ class SiteSample:
     def harm(self) -> torch.Tensor:
         """Per sampled neuron, the harm of zeroing it: first-order output energy ``(gain * activation) ** 2``,
         or, without gains, its activation as a share of the site's activation mass."""
-        positive = torch.cat(self.pre).clamp_min(0.0)
+        positive = torch.cat(self.pre).clamp(0.0, self.ceiling)  # the activation a prune zeroes
         if self.gains:
             return (torch.cat(self.gains) * positive) ** 2
         mass = float(positive.sum())
@@ -106,6 +128,7 @@ class Recorder(fx.Interpreter):
             a = op_arguments(n.target, *self.fetch_args_kwargs_from_env(n))
             sample = self.samples.setdefault(a["site"], SiteSample())
             sample.cost = site_cost(a["x"], a["weight"], a["n_units"])
+            sample.ceiling = next((activation_ceiling(user) for user in n.users), None)
             picked = self._pick(a["site"], result.numel())
             sample.pre.append(on_cpu(result, picked))
             sample.picks.append(picked)
@@ -115,22 +138,26 @@ class Recorder(fx.Interpreter):
 
 def instrument(analysis: Analysis, data: Iterable[Batch], checkpoints: Mapping[str, tuple[int, ...]],
                max_neurons: int, seed: int, progress: bool | None = None,
-               recorder: Callable[..., Recorder] = Recorder) -> dict[str, SiteSample]:
+               recorder: Callable[..., Recorder] = Recorder, *, first_batch: int = 0,
+               total_batches: int | None = None) -> dict[str, SiteSample]:
     """Run the never-pruning probe over ``data``, recording each site's sampled neurons (``recorder`` builds
     the :class:`Recorder` of each batch; a subclass may record more, e.g. :mod:`benchmarks.predictor_frontier`).
 
-    ``checkpoints`` maps each site to record to every checkpoint any candidate schedule uses."""
+    ``checkpoints`` maps each site to record to every checkpoint any candidate schedule uses. When ``data`` is
+    one shard of a larger set, ``first_batch`` is the index of its first batch in the whole set and
+    ``total_batches`` the set's length (default: ``data``'s); the records are then that shard's part of
+    the whole set's."""
     # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
     never = {name: SiteParams(rule="ztest", alpha=0.0, samples=ks) for name, ks in checkpoints.items()}
     probe = analysis.compile(plan_for(analysis.signatures, never))
     samples: dict[str, SiteSample] = {}
     batches = list(data) if not isinstance(data, (list, tuple)) else data
-    per_batch = max(1, max_neurons // max(1, len(batches)))
-    generator = torch.Generator().manual_seed(seed)
+    per_batch = max(1, max_neurons // max(1, total_batches or len(batches)))
     with torch.no_grad():
-        for batch in tqdm(batches, desc="exfx calibrate: instrument", disable=quiet(progress), leave=False):
+        for index, batch in enumerate(tqdm(batches, desc="exfx calibrate: instrument", disable=quiet(progress),
+                                           leave=False)):
             inputs, _ = split_batch(batch)
-            recorder(probe, samples, per_batch, generator).run(*inputs)
+            recorder(probe, samples, per_batch, batch_generator(seed, first_batch + index)).run(*inputs)
     return samples
 
 
@@ -144,7 +171,7 @@ class GainProbe(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        site = site_of(n) if n.op == "call_function" and n.target is torch.relu else None
+        site = site_of(n) if is_site_activation(n) else None
         if site in self.sites and isinstance(result, torch.Tensor):
             if not result.requires_grad:
                 result = result.detach().requires_grad_()
@@ -153,7 +180,7 @@ class GainProbe(fx.Interpreter):
 
 
 def record_gains(analysis: Analysis, batches: Sequence[Batch], samples: dict[str, SiteSample], seed: int,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, *, first_batch: int = 0) -> None:
     """Fill each sample's ``gains``: the gradient of a random projection ``r . outputs`` at its neurons.
 
     Zeroing a neuron with activation ``a`` moves the outputs by about ``-a * J``;
@@ -161,14 +188,15 @@ def record_gains(analysis: Analysis, batches: Sequence[Batch], samples: dict[str
     first-order estimate of the output energy a false prune costs, comparable
     across sites. Uses ``torch.autograd.grad``, so no parameter's ``.grad`` changes.
     On a graph that autograd cannot run, it logs a warning and leaves the gains
-    empty (damage then falls back to each site's share of activation mass).
+    empty (damage then falls back to each site's share of activation mass). ``first_batch``: as for
+    :func:`instrument`.
     """
     gm = analysis.graph_module
-    generator = torch.Generator().manual_seed(seed + 1)
     try:
         for index, batch in enumerate(tqdm(batches, desc="exfx calibrate: gains", disable=quiet(progress),
                                            leave=False)):
             inputs, _ = split_batch(batch)
+            generator = batch_generator(seed, first_batch + index, PROJECTION_STREAM)
             with torch.enable_grad():
                 probe = GainProbe(gm, set(samples))
                 leaves = [t for t in tree_leaves(probe.run(*inputs))
