@@ -193,20 +193,24 @@ def time_breakdown(weight: torch.Tensor, head_gm: Any, rows: torch.Tensor, round
     node = next(n for n in head_gm.graph.nodes if n.target is torch.ops.exfx.dominance_linear.default)
     args = [getattr(head_gm, a.target) if isinstance(a, fx.Node) else a for a in node.args[1:]]
     block, first, exact = args[0], args[4][0], args[5]
-    singles = [row.view(1, -1) for row in rows]
+    reorder = node.args[0]  # the input in sample order, as the module feeds the op (always-sampled units first)
+    order = getattr(head_gm, reorder.args[2].target) if reorder.target is torch.index_select else None
+    raw = [row.view(1, -1) for row in rows]
+    ordered = raw if order is None else [h.index_select(-1, order) for h in raw]
     transposed = weight.t().contiguous()
-    parts: dict[str, Callable[[torch.Tensor], Any]] = {
-        "h @ W.T": lambda h: h @ transposed, "first block": lambda h: h[:, exact:exact + first] @ block[exact:],
-        "op": lambda h: torch.ops.exfx.dominance_linear.default(h, *args), "module": head_gm}
+    parts: dict[str, tuple[Callable[[torch.Tensor], Any], list[torch.Tensor]]] = {
+        "h @ W.T": (lambda h: h @ transposed, raw),
+        "first block": (lambda h: h[:, exact:exact + first] @ block[exact:], ordered),
+        "op": (lambda h: torch.ops.exfx.dominance_linear.default(h, *args), ordered), "module": (head_gm, raw)}
 
-    def loop(part: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
+    def loop(part: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            for h in singles:
+            for h in inputs:
                 part(h)
         return run
 
     with torch.no_grad():
-        return _interleaved({name: loop(part) for name, part in parts.items()}, rounds, len(singles))
+        return _interleaved({name: loop(*part) for name, part in parts.items()}, rounds, len(raw))
 
 
 def greedy(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,

@@ -85,7 +85,7 @@ MOMENT_FLOPS_PER_TERM = 2
 #: FLOPs charged per tested neuron by the exact rule besides the bound's multiply-adds: add the shift and the
 #: bound, compare with the margin.
 EXACT_TEST_FLOPS = 3
-#: FLOPs per tested class of a dominance test (``exfx::dominance_exit``): scale the partial sum and add the exact
+#: FLOPs per tested class of a dominance test (``exfx::dominance_linear``): scale the partial sum and add the exact
 #: part and bias, the variance from the two moments, the standard error with its finite-population correction
 #: (sqrt), both bounds, the row's best lower bound and the comparison.
 DOMINANCE_TEST_FLOPS = 16

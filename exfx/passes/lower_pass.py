@@ -76,6 +76,7 @@ from exfx.errors import UnsupportedModelError
 from exfx.meta import Lowering, SiteMatch, producer_name, rewrite_role, set_lowering, set_rewrite_role, site_match
 from exfx.ops import native
 from exfx.ops.enp import cutoff, exit_statistic
+from exfx.passes.attributes import register_constant
 
 logger = logging.getLogger(__name__)
 
@@ -267,16 +268,6 @@ def _timing_cutoff(chain: _Chain, x: Tensor, weight: Tensor, bias: Tensor | None
     return float(torch.quantile(finite[: 1 << 24], min(max(1.0 - keep, 0.0), 1.0)))
 
 
-def _register(gm: fx.GraphModule, name: str, value: Tensor) -> str:
-    """Register ``value`` as a buffer called ``name`` (suffixed if taken); its final name."""
-    final, i = name, 1
-    while hasattr(gm, final):
-        i += 1
-        final = f"{name}_{i}"
-    gm.register_buffer(final, value)
-    return final
-
-
 def _ms(choice_timings: Mapping[str, float], form: str) -> str:
     value = choice_timings.get(form)
     return "?" if value is None else f"{value:.3g} ms"
@@ -407,8 +398,8 @@ class LowerPass(PassBase):
                         record: Lowering) -> fx.Node:
         graph, slug = gm.graph, _slug(chain.site)
         label_weight(relaid.head, chain.site)
-        head_name = _register(gm, f"exfx_{slug}_head", relaid.head)
-        tail_name = _register(gm, f"exfx_{slug}_tail", relaid.tail)
+        head_name = register_constant(gm, f"exfx_{slug}_head", relaid.head)
+        tail_name = register_constant(gm, f"exfx_{slug}_tail", relaid.tail)
         with graph.inserting_before(chain.relu):
             head = graph.create_node("get_attr", head_name, name=f"{slug}_head")
             tail = graph.create_node("get_attr", tail_name, name=f"{slug}_tail")
@@ -487,7 +478,7 @@ class LowerPass(PassBase):
             return
         graph, slug = gm.graph, _slug(name)
         label_weight(w_t, name)
-        attr = _register(gm, f"exfx_{slug}_w_t", w_t)
+        attr = register_constant(gm, f"exfx_{slug}_w_t", w_t)
         with graph.inserting_before(consumer):
             w_t_node = graph.create_node("get_attr", attr, name=f"{slug}_w_t")
             sparse = graph.create_node("call_function", _OPS.sparse_input_linear.default, (out, w_t_node, bias_node),
