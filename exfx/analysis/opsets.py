@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 __all__ = [
-    "CANONICAL_CONVS", "is_producer", "is_relu", "is_capped_relu", "is_site_activation", "activation_ceiling",
+    "CANONICAL_CONVS", "is_producer", "producer_kind", "is_relu", "is_capped_relu", "is_site_activation",
+    "activation_ceiling",
     "ACTIVATION_FUNCTIONS", "ACTIVATION_METHODS", "ACTIVATION_MODULES", "activation_name",
     "UNARY_FUNCTIONS", "UNARY_METHODS", "UNARY_MODULES", "SOFTMAX_FUNCTIONS", "BINARY_FUNCTIONS", "BINARY_METHODS",
     "ADD_FUNCTIONS", "POOL_FUNCTIONS", "POOL_MODULES", "NORM_MODULES", "REDUCE_FUNCTIONS", "REDUCE_METHODS",
@@ -163,3 +164,8 @@ def is_producer(node: fx.Node) -> bool:
         return True
     return (node.target in CANONICAL_CONVS.values() and len(node.args) == 3 and set(node.kwargs) == _CONV_KWARGS
             and isinstance(node.kwargs["padding"], (list, tuple)))
+
+
+def producer_kind(node: fx.Node) -> str:
+    """``"linear"`` or the conv function's name (``"conv2d"``) of a canonical producer (:func:`is_producer`)."""
+    return "linear" if node.target is F.linear else getattr(node.target, "__name__", str(node.target))

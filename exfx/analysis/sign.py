@@ -47,7 +47,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from exfx.analysis.opsets import (POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS,
-                                  RESHAPE_METHODS, is_producer)
+                                  RESHAPE_METHODS, is_producer, producer_kind)
 from exfx.analysis.shapes import tensor_meta
 from exfx.meta import producer_name
 
@@ -164,8 +164,7 @@ def _operands(node: fx.Node) -> list[fx.Node] | None:
 
 def _describe(node: fx.Node) -> str:
     if is_producer(node):
-        kind = "linear" if node.target is F.linear else getattr(node.target, "__name__", "conv")
-        return f"the {kind} `{producer_name(node)}`"
+        return f"the {producer_kind(node)} `{producer_name(node)}`"
     if node.op == "placeholder":
         return f"model input `{node.target}`"
     if node.op == "get_attr":

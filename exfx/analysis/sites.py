@@ -46,7 +46,7 @@ from exfx.analysis.opsets import (ADD_FUNCTIONS, GATHER_METHODS, MATMUL_FUNCTION
 from exfx.analysis.shapes import rank_of, shape_of, tensor_meta
 from exfx.analysis.sign import exact_availability, nonnegativity_reason
 from exfx.meta import SiteMatch, producer_name, relu_source
-from exfx.analysis.opsets import is_producer
+from exfx.analysis.opsets import is_producer, producer_kind
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ def _match_propagation(top: fx.Node, shifts: list[fx.Node]) -> _Chain:
     producer = _propagated_producer(top)
     if producer is None:
         return _Chain(None, None, [])
-    label = f"the {_kind_of(producer)} `{producer_name(producer)}`"
+    label = f"the {producer_kind(producer)} `{producer_name(producer)}`"
     if producer.target is not F.linear:
         return _Chain(None, None, [], f"{label} is followed by message passing; exfx carries partial sums "
                                       f"through message passing only after a linear")
@@ -415,10 +415,6 @@ def _match_propagation(top: fx.Node, shifts: list[fx.Node]) -> _Chain:
     found.nodes = sorted(dict.fromkeys(found.nodes), key=position.__getitem__)
     found.resized = list(dict.fromkeys(found.resized))
     return _Chain(producer, None, shifts, propagation=found)
-
-
-def _kind_of(producer: fx.Node) -> str:
-    return "linear" if producer.target is F.linear else getattr(producer.target, "__name__", str(producer.target))
 
 
 def _propagation_sign(found: _Propagation) -> tuple[bool, str]:
@@ -439,8 +435,7 @@ def _trace_back(source: Any, limit: int = 12) -> str:
     while isinstance(node, fx.Node) and len(path) < limit:
         if is_producer(node):
             steps = ", ".join(dict.fromkeys(reversed(path)))
-            kind = "linear" if node.target is F.linear else getattr(node.target, "__name__", "producer")
-            return (f" (the {kind} `{producer_name(node)}` is followed by {steps}, "
+            return (f" (the {producer_kind(node)} `{producer_name(node)}` is followed by {steps}, "
                     f"which exfx does not carry partial sums through)")
         path.append(_describe_source(node))
         inputs = [a for a in node.all_input_nodes if tensor_meta(a) is not None and a.op != "get_attr"]
@@ -481,7 +476,7 @@ def match_site(relu: fx.Node, g: AxisGraph, groups: AxisGroups) -> SiteMatch:
         reason = chain.problem or f"no linear/conv producer{_trace_back(relu.args[0])}"
         return SiteMatch(name=relu_source(relu), relu=relu.name, reason=reason)
     producer = chain.producer
-    kind = "linear" if producer.target is F.linear else producer.target.__name__  # type: ignore[union-attr]
+    kind = producer_kind(producer)
     found: dict[str, Any] = {"name": producer_name(producer), "relu": relu.name, "kind": kind,
                              "producer": producer.name}
     # Under message passing the producer may feed several steps of its chain (all checked to stay inside it).
