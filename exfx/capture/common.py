@@ -36,8 +36,13 @@ TRACE_LOCK = threading.RLock()
 
 
 class _FastPathState:
-    """How many callers have the fast path switched off, and the flag they found (guarded by TRACE_LOCK)."""
+    """How many callers have the fast path switched off, and the flag they found (guarded by ``lock``).
 
+    Its own lock, not :data:`TRACE_LOCK`: a ``count_flops`` in one thread must not wait for a whole
+    capture in another, only for the counter update.
+    """
+
+    lock = threading.Lock()
     users = 0
     saved = True
 
@@ -48,10 +53,10 @@ def mha_fastpath_disabled() -> Iterator[None]:
 
     The flag is process-wide, so nested and concurrent callers share one switch:
     the first to enter saves the flag and turns it off, the last to leave puts the
-    saved value back (the counter is kept under :data:`TRACE_LOCK`). Another
+    saved value back (the counter has its own lock). Another
     thread running a transformer meanwhile takes the slow path: same math, slower.
     """
-    with TRACE_LOCK:
+    with _FastPathState.lock:
         if _FastPathState.users == 0:
             _FastPathState.saved = torch.backends.mha.get_fastpath_enabled()
             torch.backends.mha.set_fastpath_enabled(False)
@@ -59,7 +64,7 @@ def mha_fastpath_disabled() -> Iterator[None]:
     try:
         yield
     finally:
-        with TRACE_LOCK:
+        with _FastPathState.lock:
             _FastPathState.users -= 1
             if _FastPathState.users == 0:
                 torch.backends.mha.set_fastpath_enabled(_FastPathState.saved)
