@@ -2,12 +2,16 @@
 
 Why: the byte-level LM's head has 256 classes, too few for dominance prediction (``exfx.DominanceParams``) to have
 work to do. This module trains a byte-level BPE tokenizer of ``VOCAB_SIZE`` tokens with the ``tokenizers`` library
-on the *train* split only (same files as ``text_data.split_files``), caches its JSON under
-``benchmarks/checkpoints/`` (git-ignored), and serves the same window batches as ``text_data`` but over token ids.
+on the *train* split only (same files as ``text_data.split_files``), keeps its JSON in
+``benchmarks/checkpoints/bpe8k.json`` (committed with the model trained on it, and checked against
+``benchmarks/checkpoints/MANIFEST.json`` when loaded), and serves the same window batches as ``text_data`` but over
+token ids.
 
 Special tokens take ids 0..3 (``<pad>``, ``<unk>``, ``<s>``, ``</s>``) so the OPT config's pad/bos/eos ids keep the
 values of the byte-level model; no input uses them. Byte-level pre-tokenisation makes every text encodable, so
-decode(encode(text)) == text. Training is deterministic for a given ``tokenizers`` version.
+decode(encode(text)) == text. Rebuilding is repeatable in one environment, but ``tokenizers`` 0.23.3 rebuilds a
+file that differs from the committed one (tied merges in another order from the 92nd merge on), so restore
+``bpe8k.json`` from git rather than rebuilding it: ``opt-lm-bpe8k.pt`` was trained on the committed ids.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.manifest import verify_checkpoint
 from benchmarks.text_data import DATA_DIR, SPLITS, split_files
 
 __all__ = ["SPECIAL_TOKENS", "TOKENIZER_PATH", "VOCAB_SIZE", "load_tokenizer", "lm_batches", "random_windows",
@@ -57,12 +62,14 @@ def train_tokenizer(path: Path = TOKENIZER_PATH, vocab_size: int = VOCAB_SIZE) -
 
 @functools.lru_cache(maxsize=None)
 def load_tokenizer(path: Path = TOKENIZER_PATH) -> Any:
-    """The cached tokenizer, trained first if ``path`` does not exist."""
+    """The cached tokenizer, trained first if ``path`` does not exist (an existing committed one is verified)."""
     from tokenizers import Tokenizer
 
     if not path.exists():
-        return train_tokenizer(path)
-    return Tokenizer.from_file(str(path))
+        tokenizer = train_tokenizer(path)
+        verify_checkpoint(path)  # a rebuilt committed tokenizer must match the manifest (see above)
+        return tokenizer
+    return Tokenizer.from_file(str(verify_checkpoint(path)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """Dominance prediction on the 8k-BPE OPT's head: top-1 agreement, head FLOPs, batch-1 head and decoding speed.
 
 Run:
-    python -m benchmarks.train_lm --tokenizer bpe8k --steps 600 --batch-size 8   # the model (cached, ~35 min)
+    python -m benchmarks.train_lm --tokenizer bpe8k --steps 3000 --batch-size 8  # the model (committed)
     python -m benchmarks.dominance_head                                          # the table (~10 min, 1 thread)
     python -m benchmarks.dominance_head --quick                                  # fewer windows and repeats
 

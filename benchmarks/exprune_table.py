@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 import exfx
+from benchmarks.manifest import training_command
 from exfx.tune.calibration import DEFAULT_SCHEDULES
 from exfx.tune.evaluation import Evaluation, evaluate, oracle
 
@@ -83,15 +84,10 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 def _cv(name: str, width: int) -> Callable[[], Benchmark]:
     def load() -> Benchmark:
         from benchmarks.data import batches, load_fashion_mnist
-        from benchmarks.models import MODELS, build_model
-        from benchmarks.train_cv import CHECKPOINTS
+        from benchmarks.models import MODELS
+        from benchmarks.train_cv import load_trained
 
-        path = CHECKPOINTS / f"{name}-w{width}.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; train it with `{TRAIN_COMMANDS[name]}`")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(name, width)
-        model.load_state_dict(checkpoint["state_dict"])
+        model, checkpoint = load_trained(name, width)
         side = MODELS[name][1]
         data = load_fashion_mnist()
         val, test = batches(*data.val, 250, side), batches(*data.test, 250, side)
@@ -104,12 +100,13 @@ def _cv(name: str, width: int) -> Callable[[], Benchmark]:
 
 def _gcn() -> Benchmark:
     from benchmarks.superpixels import graph_batches
-    from benchmarks.train_gcn import load_trained
+    from benchmarks.train_gcn import CHECKPOINT, load_trained
 
     model = load_trained()
+    epochs = torch.load(CHECKPOINT, weights_only=True)["epochs"]
     val, test = graph_batches("val", 250)[:GCN_VAL_GRAPHS // 250], graph_batches("test", 250)
     note = ("gcn: Fashion-MNIST SLIC superpixel graphs (about 75 nodes, 8-NN edges, intensity + position), "
-            "5 GCN layers of 300, mean pool, 4 epochs; sites: each layer's Linear(300, 300); calibrated on the "
+            f"5 GCN layers of 300, mean pool, {epochs} epochs; sites: each layer's Linear(300, 300); calibrated on the "
             f"first {GCN_VAL_GRAPHS:,} of the 5,000 validation graphs (an evaluation takes over a minute on one "
             "CPU thread); FLOPs per graph")
     return Benchmark("gcn", model, val[0][0], val, test, accuracy, "accuracy", note)
@@ -142,13 +139,13 @@ BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
     "opt": _opt,
 }
 
-#: The commands that train each benchmark's checkpoint (a cache under benchmarks/checkpoints/).
-TRAIN_COMMANDS = {
-    "vgg11": "python -m benchmarks.train_cv --model vgg11 --width 32 --epochs 3",
-    "resnet18": "python -m benchmarks.train_cv --model resnet18 --width 16 --epochs 6 --threads 1",
-    "gcn": "python -m benchmarks.train_gcn",
-    "opt": "python -m benchmarks.train_lm",
-}
+#: The commands that trained each benchmark's committed checkpoint (benchmarks/checkpoints/MANIFEST.json).
+TRAIN_COMMANDS = {name: training_command(file, default) for name, file, default in (
+    ("vgg11", "vgg11-w32.pt", "python -m benchmarks.train_cv --model vgg11 --width 32 --epochs 3"),
+    ("resnet18", "resnet18-w16.pt", "python -m benchmarks.train_cv --model resnet18 --width 16 --epochs 6"),
+    ("gcn", "gcn-h300.pt", "python -m benchmarks.train_gcn"),
+    ("opt", "opt-lm.pt", "python -m benchmarks.train_lm"),
+)}
 
 
 def select_plan(bench: Benchmark, budget: float) -> exfx.Plan:

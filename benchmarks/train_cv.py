@@ -5,9 +5,11 @@ Run:
     python -m benchmarks.train_cv --model vgg11 --width 32
     python -m benchmarks.train_cv --model resnet18 --width 32
 
-Checkpoints go to benchmarks/checkpoints/<model>-w<width>.pt (a cache, not committed),
-except the demo CNN, which is written to exfx/data/small_cnn.pt. Training is seeded;
-on CPU, thread scheduling can still change the last bits.
+Checkpoints go to benchmarks/checkpoints/<model>-w<width>.pt, except the demo CNN, which is
+written to exfx/data/small_cnn.pt. vgg11-w32.pt and resnet18-w16.pt are committed, with their
+training commands and SHA-256 in benchmarks/checkpoints/MANIFEST.json; :func:`load_trained`
+checks them against it (``benchmarks.manifest``). Training is seeded; on CPU, thread scheduling
+can still change the last bits.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.data import load_fashion_mnist, to_float
+from benchmarks.manifest import verify_checkpoint
 from benchmarks.models import MODELS, build_model
 from exfx.examples import SmallCNN
 
@@ -72,6 +76,20 @@ def train(model: nn.Module, side: int, epochs: int, batch: int, lr: float, seed:
                     time.perf_counter() - started)
     model.eval()
     return {"val_accuracy": accuracy(model, *data.val, side), "test_accuracy": accuracy(model, *data.test, side)}
+
+
+def load_trained(model: str, width: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained ``model`` of base ``width`` in eval mode, and its checkpoint's other entries (epochs, accuracy).
+
+    Raises ``benchmarks.manifest.CheckpointMissingError`` (a FileNotFoundError naming the training command) when
+    it is not trained yet, and ``CheckpointMismatchError`` when a committed checkpoint was changed.
+    """
+    path = CHECKPOINTS / f"{model}-w{width}.pt"
+    verify_checkpoint(path, f"python -m benchmarks.train_cv --model {model} --width {width} --threads 1")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    network = build_model(model, width)
+    network.load_state_dict(checkpoint.pop("state_dict"))
+    return network.eval(), checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,8 @@ of 128 graphs in a seeded random order); validation accuracy is logged after eac
 nothing. ``--graphs-per-epoch`` trains each epoch on a fresh random subset of the training graphs, to
 fit a CPU time budget.
 
-The checkpoint goes to ``benchmarks/checkpoints/gcn-h300.pt`` (a cache, not committed) with the keys
+The checkpoint goes to ``benchmarks/checkpoints/gcn-h300.pt`` (committed: trained with ``--epochs 10``, see
+``benchmarks/checkpoints/MANIFEST.json``, which :func:`load_trained` checks it against) with the keys
 ``state_dict``, ``val_accuracy``, ``test_accuracy``, ``epochs``, ``seed`` and ``graphs_per_epoch``;
 :func:`load_trained` returns the model in eval mode, by default with the gather aggregation, whose FLOPs
 ``exfx.count_flops`` counts correctly (training uses the faster sparse one). Training is seeded; on CPU,
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.gcn import GCN, Aggregation
+from benchmarks.manifest import verify_checkpoint
 from benchmarks.superpixels import GraphBatch, SuperpixelGraphs, graph_batches, load_superpixels
 
 __all__ = ["CHECKPOINT", "TRAIN_COMMAND", "accuracy", "load_trained", "train"]
@@ -88,14 +90,14 @@ def train(model: nn.Module, epochs: int, batch_size: int, lr: float, seed: int,
 
 
 def load_trained(path: Path = CHECKPOINT, aggregation: Aggregation = "gather") -> nn.Module:
-    """The trained GCN in eval mode; FileNotFoundError (naming the training command) when not trained yet.
+    """The trained GCN in eval mode; FileNotFoundError (naming the training command) when not trained yet, and
+    ``benchmarks.manifest.CheckpointMismatchError`` when a committed checkpoint was changed.
 
     ``aggregation="gather"`` (the default) makes ``exfx.count_flops`` count exactly the linear layers;
     ``"sparse"`` computes the same outputs about 4x faster on CPU, but FLOP counters count its sparse
     matmuls as dense (n, n) matmuls (see :mod:`benchmarks.gcn`).
     """
-    if not path.exists():
-        raise FileNotFoundError(f"no trained GCN at {path}; train it with `{TRAIN_COMMAND}`")
+    verify_checkpoint(path, TRAIN_COMMAND)
     checkpoint = torch.load(path, weights_only=True)
     model = GCN(aggregation=aggregation)
     model.load_state_dict(checkpoint["state_dict"])
