@@ -21,7 +21,7 @@ import time
 import torch
 
 import exfx
-from benchmarks.models import ResNet18
+from exfx.examples import ResNet18
 
 
 def _median_time(fn, repeats: int) -> tuple[float, list[float]]:

@@ -51,7 +51,7 @@ from benchmarks.data import load_fashion_mnist, to_float
 from benchmarks.exprune_table import BENCHMARKS, CONFIDENCE, Benchmark
 from benchmarks.models import MODELS
 from benchmarks.train_cv import _augment
-from exfx.passes.snp_pass import prune
+from exfx.pruning import prune
 from exfx.snp.finetune import finetune
 from exfx.snp.magnitude import magnitude_prune
 from exfx.snp.report import count_forward_flops, count_parameters

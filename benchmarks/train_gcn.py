@@ -1,4 +1,4 @@
-"""Train the GCN benchmark (:mod:`benchmarks.gcn`) on Fashion-MNIST superpixel graphs.
+"""Train the GCN benchmark (:class:`exfx.examples.GCN`: width 300, five layers) on Fashion-MNIST superpixel graphs.
 
 Run:
     python -m benchmarks.train_gcn [--epochs N] [--threads 1] [--graphs-per-epoch G]
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.gcn import GCN, Aggregation
 from benchmarks.manifest import verify_checkpoint
 from benchmarks.superpixels import GraphBatch, SuperpixelGraphs, graph_batches, load_superpixels
+from exfx.examples import GCN, Aggregation
 
 __all__ = ["CHECKPOINT", "TRAIN_COMMAND", "accuracy", "load_trained", "train"]
 
@@ -95,7 +95,7 @@ def load_trained(path: Path = CHECKPOINT, aggregation: Aggregation = "gather") -
 
     ``aggregation="gather"`` (the default) makes ``exfx.count_flops`` count exactly the linear layers;
     ``"sparse"`` computes the same outputs about 4x faster on CPU, but FLOP counters count its sparse
-    matmuls as dense (n, n) matmuls (see :mod:`benchmarks.gcn`).
+    matmuls as dense (n, n) matmuls (see :class:`exfx.examples.GCN`).
     """
     verify_checkpoint(path, TRAIN_COMMAND)
     checkpoint = torch.load(path, weights_only=True)

@@ -20,13 +20,9 @@ calibrates plans and ``ci/`` checks graphs.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
-from exfx import compat
 from exfx import ops  # noqa: F401  (registers the exfx:: operators)
 from exfx.api import Analysis, analyse, compile, explain
+from exfx.capture import CaptureOptions
 from exfx.config import Config, DominanceParams, Plan, SiteParams
 from exfx.cost.flops import FlopReport, SiteFlops, count_flops
 from exfx.dynamo_backend import backend
@@ -40,13 +36,14 @@ from exfx.errors import (
     UnsupportedModelError,
 )
 from exfx.meta import SiteMatch
-from exfx.passes.snp_pass import prune
+from exfx.pruning import prune
 from exfx.report import Report, SiteInfo
 from exfx.snp import PruneError, PruneReport, PruneWarning
 from exfx.snp.finetune import finetune
 from exfx.snp.magnitude import magnitude_prune
 from exfx.tune.calibration import calibrate, calibrate_budgets
 from exfx.tune.distributed import shard_batches
+from exfx.tune.options import CalibrationOptions
 from exfx.tune.evaluation import Evaluation, evaluate, oracle
 from exfx.tune.search import random_search
 
@@ -54,7 +51,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "CalibrationOptions",
     "CaptureError",
+    "CaptureOptions",
     "Config",
     "DistributedError",
     "DominanceParams",
@@ -89,16 +88,3 @@ __all__ = [
     "random_search",
     "shard_batches",
 ]
-
-compat.install()  # exfx 0.1's module paths (exfx.flops, exfx.calibrate, ...) keep working, with a warning
-
-#: ``exfx.<old>`` attribute access to a moved module: the new module, with a DeprecationWarning naming it.
-_MOVED_ATTRIBUTES = {"flops": "exfx.cost.flops", "graphdiff": "exfx.ci.graphdiff", "spec": "exfx.ci.spec",
-                     "pareto": "exfx.tune.pareto", "dynamo_capture": "exfx.capture.dynamo"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_ATTRIBUTES:
-        warnings.warn(f"exfx.{name} moved to {_MOVED_ATTRIBUTES[name]}", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(_MOVED_ATTRIBUTES[name])
-    raise AttributeError(f"module 'exfx' has no attribute {name!r}")

@@ -36,20 +36,21 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from exfx.analysis.axes import AxisGroups
-from exfx.capture import TRACE_LOCK, normalise_inputs
+from exfx.capture import TRACE_LOCK, CaptureOptions, normalise_inputs
 from exfx.capture import capture as capture_model
+from exfx.capture.common import run_failure_message
 from exfx.compiled import CompiledModule
-from exfx.config import Config, DominanceParams, Plan, SiteParams, fingerprint
-from exfx.errors import PlanError, UnsupportedModelError
-from exfx.meta import REPORT_KEY, SiteMatch
-from exfx.passes import CanonicalizePass, EnpPass, ExchangeabilityPass, FoldBatchNormPass, LowerPass
-from exfx.passes.dominance_pass import DominancePass
-from exfx.passes.enp_pass import exact_refusal
-from exfx.passes.lower_pass import EXACT_LOWERING_REASON, check_lowering, lowering_rows, native_blocker, planned_keep
-from exfx.report import Report, SiteInfo, find_site
+from exfx.config import Config, DominanceParams, Plan, fingerprint
+from exfx.errors import UnsupportedModelError
+from exfx.meta import REPORT_KEY, SiteDecision, SiteMatch
+from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
+from exfx.passes.annotate_pass import decide_head, decide_sites, resolve_lowering
+from exfx.passes.pipeline import compile_passes
+from exfx.report import Report, SiteInfo, find_site, lowering_rows, lowering_summary
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +101,21 @@ class Analysis:
         """The report with the default :class:`~exfx.config.Config`: what :func:`explain` returns."""
         return self.explain()
 
-    def explain(self, config: Config | None = None, plan: PlanLike = None) -> Report:
+    def explain(self, config: Config | None = None, plan: PlanLike = None, *,
+                lowering: str | None = None) -> Report:
         """The report with the parameters ``plan`` (over ``config``) gives each site; see :func:`explain`."""
-        params = self._site_params(*_split_plan(plan, config))
-        return Report(sites=[SiteInfo.from_match(s, params.get(s.name)) for s in self.sites],
+        return self._report(self.decide(*_split_plan(plan, config), lowering))
+
+    def decide(self, plan: Plan | None, config: Config, lowering: str | None = None) -> dict[str, SiteDecision]:
+        """Every site's decision for ``plan`` over ``config`` (:func:`exfx.passes.annotate_pass.decide_sites`)."""
+        return decide_sites(self.sites, plan, config, lowering)
+
+    def _report(self, decisions: Mapping[str, SiteDecision]) -> Report:
+        return Report(sites=[SiteInfo.from_decision(s, decisions[s.name]) for s in self.sites],
                       groups={name: list(axes) for name, axes in self.groups.groups.items()}, model=self.model_name)
 
     def compile(self, plan: PlanLike = None, *, config: Config | None = None,
-                lowering: str = "reference", dominance: DominanceParams | None = None) -> CompiledModule:
+                lowering: str | None = None, dominance: DominanceParams | None = None) -> CompiledModule:
         """The model rewritten for ``plan``: a plan, a plan file's path, or a config (default ``Config()``).
 
         A plan overrides ``config`` at the sites it names. Each call rewrites a
@@ -116,13 +124,22 @@ class Analysis:
         :class:`~exfx.compiled.CompiledModule` whose ``meta["exfx_report"]`` is the
         :class:`~exfx.report.Report` of what was done.
 
-        ``lowering="reference"`` (the default) emits the reference ops: an exact
-        FLOP simulation, slower than dense. ``lowering="native"`` runs each site in
-        the fastest correct form measured on this machine at the example inputs'
-        batch size (:class:`~exfx.passes.LowerPass`): the native early-exit kernel,
-        or plain dense where pruning does not pay or no kernel exists; the report
-        rows say which and why. Timings are cached (``$EXFX_CACHE_DIR``, default
-        ``~/.cache/exfx``); ``EXFX_FORCE_LOWERING=native|dense`` skips them.
+        The passes run in the order :func:`exfx.passes.pipeline.compile_passes` states: the annotate step
+        decides every site once and writes the decision on the graph, and the rewrites read it.
+
+        ``lowering="native"`` (the default; ``$EXFX_LOWERING`` changes the default) runs each site in the
+        fastest correct form
+        measured on this machine (:class:`~exfx.passes.LowerPass`): the native early-exit
+        kernel, or plain dense where pruning does not pay or no kernel exists; the report
+        rows say which and why. The choice is made per call: each native site keeps the
+        largest row count (batch x tokens) at which it measured faster than dense, and a
+        call with more rows runs the site densely, exactly, counted as dense. If the
+        lowered model as a whole measures slower than dense at the example inputs, every
+        site runs dense. A plan's measured keep ratios (``Plan.keep``, written by
+        :func:`exfx.calibrate`) are the ratios the choice is priced at. Timings are cached
+        (``$EXFX_CACHE_DIR``, default ``~/.cache/exfx``); ``EXFX_FORCE_LOWERING=native|dense``
+        skips them. ``lowering="reference"`` emits the reference ops instead: an exact FLOP
+        simulation, slower than dense, for FLOP studies and calibration.
 
         ``dominance`` (opt-in, off by default) also rewrites the model's prediction head for dominance
         prediction (:class:`~exfx.passes.dominance_pass.DominancePass`): the returned logits are exact for the
@@ -135,56 +152,43 @@ class Analysis:
             exfx.PlanMismatchError: ``plan`` was made for another model.
             exfx.UnsupportedModelError: ``dominance`` is given but the model has no head it may rewrite (the
                 message says why, e.g. the head's contraction axis is not exchangeable).
-            exfx.PlanError: ``dominance`` does not fit the head (the message names the field).
+            exfx.PlanError: ``dominance`` does not fit the head (the message names the field), or ``plan`` asks
+                for what cannot run at a site (the message names the site).
             ValueError: ``lowering`` is not one of ``"reference"``, ``"native"``.
         """
-        check_lowering(lowering)
         plan, config = _split_plan(plan, config)  # once: a plan file is read once
-        report = self.explain(config, plan)
-        params = {s.name: s.params for s in report.eligible if s.params is not None}
+        lowering = resolve_lowering(lowering)
+        decisions = self.decide(plan, config, lowering)
         gm = _fresh_copy(self.graph_module)
-        if dominance is not None:  # first: the head is not a site, and LowerPass must not see it as a consumer
-            DominancePass(dominance, self.groups)(gm)
+        head = decide_head(gm, dominance, self.groups) if dominance is not None else None
+        for graph_pass in compile_passes(decisions, head, lowering, self.example_inputs):
+            graph_pass(gm)
+        report = self._report(decisions)
         if lowering == "native":
-            # Exact sites stay on the reference ops (recorded by LowerPass): the exact rule has no native kernel.
-            blocked = {name: reason for name, p in params.items()
-                       if not p.exact and (reason := native_blocker(self.site(name), p))}
-            EnpPass({name: p for name, p in params.items() if name not in blocked})(gm)
-            lower = LowerPass(self.example_inputs, keep_ratios=planned_keep(plan), dense_sites=blocked)
-            lower(gm)
-            report = report.with_lowering(lowering_rows(lower))
-        else:
-            EnpPass(params)(gm)
+            report = report.with_lowering(lowering_rows(gm.graph))
+            _log_lowering(report, plan)
         gm.meta[REPORT_KEY] = report
         if not report.eligible:
             logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
         return CompiledModule(gm, self.example_inputs)
-
-    def _site_params(self, plan: Plan | None, config: Config) -> dict[str, SiteParams]:
-        """Every structurally eligible site's parameters: the plan's, else the config's.
-
-        The config's ``exact`` applies only where the analysis proves the exact rule may run (elsewhere the
-        statistical rule runs alone, or, under ``rule="exact"``, the site stays dense); a plan that asks for it
-        elsewhere raises :class:`~exfx.errors.PlanError` naming the site and the reason.
-        """
-        fan_ins = {s.name: s.fan_in or 0 for s in self.sites if s.eligible}
-        if plan is not None:
-            plan.check_against(self.signatures, fan_ins)
-        chosen = plan.sites if plan is not None else {}
-        params = {}
-        for site in (s for s in self.sites if s.eligible):
-            given = chosen.get(site.name)
-            if given is not None and given.enabled and given.exact and not site.exact_available:
-                raise PlanError(exact_refusal(site))
-            default = config.site_params if site.exact_available else config.site_params.without_exact()
-            params[site.name] = given or default
-        return params
 
     def __repr__(self) -> str:
         eligible = sum(s.eligible for s in self.sites)
         relus = sum(s.relu_family for s in self.sites)
         return (f"Analysis({self.model_name}: {relus} ReLUs, {eligible} structurally eligible, "
                 f"{len(self.groups.groups)} exchangeable groups)")
+
+
+def _log_lowering(report: Report, plan: Plan | None) -> None:
+    """The one summary line of a native compile; a warning naming the sites where a plan's pruning is dropped
+    because dense measured faster (never silent: the plan's FLOP savings do not happen there)."""
+    logger.info("exfx: %s", lowering_summary(report))
+    if plan is None:
+        return
+    dropped = [s for s in report.eligible if s.lowering == "dense" and s.name in plan.sites]
+    if dropped:
+        logger.warning("exfx: the plan prunes %d site(s) that run dense here, so their pruning saves no time: %s",
+                       len(dropped), "; ".join(f"{s.name}: {s.lowering_reason}" for s in dropped))
 
 
 def _split_plan(plan: PlanLike, config: Config | None) -> tuple[Plan | None, Config]:
@@ -234,13 +238,68 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], *, fake: bool
         except Exception as err:  # noqa: BLE001 - any op without a fake kernel: the real run below decides
             logger.debug("fake shape propagation failed (%s: %s); propagating with real tensors",
                          type(err).__name__, err)
+    run = _RealShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as err:  # ShapeProp re-raises whatever the model raised
-        raise UnsupportedModelError(
-            f"running the model on example_inputs failed: {type(err).__name__}: {err}. "
-            f"Check that example_inputs are what forward() expects.") from err
+            run.propagate(*inputs)
+    except Exception as err:  # whatever the model raised, at the node run.failed
+        where = _describe_node(gm, run.failed) if run.failed is not None else None
+        raise UnsupportedModelError(run_failure_message(where, err)) from err
+
+
+class _RealShapeProp(fx.Interpreter):
+    """:class:`ShapeProp` without its traceback on stderr and its multi-line message: a failure keeps the
+    model's own exception and leaves the node it happened at in ``failed``."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the exception's message stays the model's own
+        self.failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+        found = False
+
+        def extract(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
+
+
+def _describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What a node runs, for an error: `fc1` (Linear), input `x`, `block.0` (Block, op add) or `add_1` (add)."""
+    if node.op == "placeholder":
+        return f"input `{str(node.target).lstrip('*')}`"
+    if node.op == "call_module":
+        try:
+            kind = type(gm.get_submodule(str(node.target))).__name__
+        except AttributeError:
+            kind = "module"
+        return f"`{node.target}` ({kind})"
+    op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()), None) if stack else None
+    if owner:
+        path = str(owner[0]).removeprefix("L['self'].").removeprefix("L['self']")
+        kind = getattr(owner[1], "__name__", None) or str(owner[1]).rsplit(".", 1)[-1]
+        if path:
+            return f"`{path}` ({kind}, op {op})"
+    return f"`{node.name}` ({op})"
 
 
 def _fake_propagate(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
@@ -274,7 +333,7 @@ def _tensor_metadata(value: torch.Tensor) -> TensorMetadata:
 
 def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto") -> Analysis:
+            capture: str = "auto", capture_options: CaptureOptions | Mapping[str, Any] | None = None) -> Analysis:
     """Capture, canonicalize, fold and analyse ``model`` once; compile the result with any plan.
 
     Args:
@@ -288,24 +347,42 @@ def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         capture: ``"auto"`` (``torch.fx.symbolic_trace``, falling back to Dynamo
             when it fails), ``"fx"`` or ``"dynamo"``. A Dynamo-captured module
             takes the tensor inputs and returns the outputs flattened to tensors.
+        capture_options: the four options above as one :class:`exfx.CaptureOptions` (or a dict
+            of its fields), as :func:`exfx.calibrate` and the other tuners take them; give
+            either it or the separate keywords.
 
     Raises:
         exfx.TrainingModeError: the model is in training mode.
         exfx.CaptureError: the model cannot be traced (the message says where and how to fix it).
         exfx.UnsupportedModelError: the model does not run on ``example_inputs``.
+        TypeError: ``capture_options`` is given with one of the separate keywords.
     """
+    options = _capture_options(capture_options, leaf_modules, concrete_args, hidden_inputs, capture)
     inputs = normalise_inputs(example_inputs)
     # Held until the model has stopped running: torch.fx tracing in another thread would intercept its calls.
     with TRACE_LOCK:
-        gm = capture_model(model, inputs, leaf_modules, concrete_args, capture)
+        gm = capture_model(model, inputs, options.leaf_modules, options.concrete_args, options.capture)
         _propagate_shapes(gm, inputs, fake=False)  # the one real run: does the model run on these inputs?
         CanonicalizePass()(gm)  # each rewritten producer keeps its node's shape, which is all BN folding reads
         FoldBatchNormPass()(gm)
         _propagate_shapes(gm, inputs, fake=True)  # the new weight and bias nodes, for the analysis
-    _check_hidden_inputs(gm, hidden_inputs)
-    analysis = ExchangeabilityPass(hidden_inputs=hidden_inputs)
+    _check_hidden_inputs(gm, options.hidden_inputs)
+    analysis = ExchangeabilityPass(hidden_inputs=options.hidden_inputs)
     analysis(gm)
     return Analysis(gm, analysis.sites, analysis.groups, inputs, type(model).__name__)
+
+
+def _capture_options(capture_options: CaptureOptions | Mapping[str, Any] | None, leaf_modules: Sequence[str],
+                     concrete_args: Mapping[str, Any] | None, hidden_inputs: Sequence[str],
+                     capture: str) -> CaptureOptions:
+    """The one :class:`CaptureOptions` of a call: ``capture_options``, or the separate keywords (not both)."""
+    keywords = CaptureOptions(leaf_modules, concrete_args, hidden_inputs, capture)  # checks them either way
+    if capture_options is None:
+        return keywords
+    if not keywords.is_default:
+        raise TypeError("give the capture options once: as capture_options=, or as leaf_modules=, "
+                        "concrete_args=, hidden_inputs= and capture=, not both")
+    return CaptureOptions.of(capture_options)
 
 
 def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> None:
@@ -319,42 +396,32 @@ def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> No
 def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto", lowering: str = "reference") -> Report:
+            capture: str = "auto", capture_options: CaptureOptions | Mapping[str, Any] | None = None,
+            lowering: str | None = None) -> Report:
     """Report, for every ReLU of ``model``, whether it is an ENP site and why.
 
     ``exfx.analyse(model, example_inputs, ...).explain(config, plan)``.
 
     Args:
-        model, example_inputs, leaf_modules, concrete_args, hidden_inputs, capture: as for :func:`analyse`.
+        model, example_inputs, leaf_modules, concrete_args, hidden_inputs, capture, capture_options: as for
+            :func:`analyse`.
         config: global settings (default ``exfx.Config()``).
         plan: per-site parameters overriding ``config``: an :class:`exfx.Plan`, or
             the path of its JSON file.
-        lowering: with ``"native"``, each site's row also says whether it can be lowered
-            to a native kernel (the choice between native and dense is measured at compile time).
+        lowering: with ``"native"`` (the default), each site's row also says what will run there: a native
+            form (native or dense, whichever measures faster, per call), dense, or the reference ops, and why.
     """
     _check_config(config)
-    check_lowering(lowering)
-    analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                       hidden_inputs=hidden_inputs, capture=capture)
-    report = analysis.explain(config, plan)
-    if lowering == "reference":
-        return report
-    rows = {}
-    for s in report.eligible:
-        if s.params is not None and s.params.exact:
-            rows[s.name] = ("reference", EXACT_LOWERING_REASON)
-            continue
-        blocker = native_blocker(analysis.site(s.name), s.params) if s.params is not None else ""
-        rows[s.name] = ("dense", blocker) if blocker else (
-            "native|dense", "native enp_linear or dense, whichever measures faster at compile time")
-    return report.with_lowering(rows)
+    lowering = resolve_lowering(lowering)
+    options = _capture_options(capture_options, leaf_modules, concrete_args, hidden_inputs, capture)
+    return analyse(model, example_inputs, capture_options=options).explain(config, plan, lowering=lowering)
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
-            capture: str = "auto", lowering: str = "reference",
-            dominance: DominanceParams | None = None) -> CompiledModule:
+            capture: str = "auto", capture_options: CaptureOptions | Mapping[str, Any] | None = None,
+            lowering: str | None = None, dominance: DominanceParams | None = None) -> CompiledModule:
     """Compile ``model`` into a GraphModule with early negative prediction before each eligible ReLU.
 
     ``exfx.analyse(model, example_inputs, ...).compile(plan, config=config)``. The
@@ -370,11 +437,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
     _check_config(config)
-    check_lowering(lowering)
+    lowering = resolve_lowering(lowering)
     if dominance is not None and not isinstance(dominance, DominanceParams):
         raise TypeError(f"dominance must be an exfx.DominanceParams, got {type(dominance).__name__}")
-    analysis = analyse(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                       hidden_inputs=hidden_inputs, capture=capture)
+    options = _capture_options(capture_options, leaf_modules, concrete_args, hidden_inputs, capture)
+    analysis = analyse(model, example_inputs, capture_options=options)
     return analysis.compile(plan, config=config, lowering=lowering, dominance=dominance)
 
 

@@ -35,6 +35,7 @@ from exfx.ci import graphdiff
 from exfx.capture import capture
 from exfx.errors import ExfxError
 from exfx.meta import REPORT_KEY
+from exfx.passes.annotate_pass import LOWERINGS
 from exfx.ci.graphdiff import UPDATE_ENV
 from exfx.report import Report
 from exfx.ci.spec import DEFAULT_SPEC, load_spec
@@ -101,6 +102,10 @@ def _check_options_with_plan(args: argparse.Namespace, report: Report, plan: exf
           file=sys.stderr)
 
 
+#: Commands whose output is graph text compared across machines: they lower to the reference ops by default.
+GOLDEN_COMMANDS = ("graph", "diff", "check")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exfx", description="ExPrune early negative prediction for torch.fx")
     parser.add_argument("--version", action="version", version=f"exfx {exfx.__version__}")
@@ -135,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--alpha", type=float, help="z-test level in [0, 0.5]")
         cmd.add_argument("--samples", type=_samples, help="checkpoint schedule, e.g. 32 or 16,32,64")
         cmd.add_argument("--plan", help="a plan JSON file with per-site parameters")
+        golden = name in GOLDEN_COMMANDS
+        cmd.add_argument("--lowering", choices=LOWERINGS, default="reference" if golden else None,
+                         help=("reference ops (default here: the graph text must not depend on this machine's "
+                               "timings)" if golden else "native: the fastest correct form measured here (default, or "
+                               "$EXFX_LOWERING); reference: the reference ops, for FLOP studies"))
         if name == "plan":
             cmd.add_argument("-o", "--output", required=True, help="where to write the plan")
         elif name in ("explain", "flops"):
@@ -193,14 +203,14 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     plan = exfx.Plan.load(args.plan) if args.plan else None
     if args.command in ("explain", "plan"):
-        report = exfx.explain(model, inputs, config, plan=plan)
+        report = exfx.explain(model, inputs, config, plan=plan, lowering=args.lowering)
         _check_options_with_plan(args, report, plan)
         if args.command == "explain":
             print(json.dumps(report.to_dict(), indent=2) if args.json else report)
         else:
             _write_plan(args, report, config, plan)
         return 0
-    compiled = exfx.compile(model, inputs, config, plan)
+    compiled = exfx.compile(model, inputs, config, plan, lowering=args.lowering)
     _check_options_with_plan(args, compiled.meta[REPORT_KEY], plan)
     if args.command == "flops":
         flops = exfx.count_flops(compiled, *inputs)
@@ -218,7 +228,7 @@ def _write_plan(args: argparse.Namespace, report: Report, config: exfx.Config, p
             print(f"exfx: note: the plan {args.plan} does not set {', '.join(filled)}: written with the "
                   f"default settings ({config.rule}, samples {list(config.samples)})", file=sys.stderr)
         new_plan = exfx.Plan(sites={**new_plan.sites, **plan.sites}, signatures=new_plan.signatures,
-                             meta=dict(plan.meta))
+                             meta=dict(plan.meta), keep=dict(plan.keep))
     new_plan.save(args.output)
     print(f"wrote a plan for {len(new_plan.sites)} sites to {args.output}")
 

@@ -10,6 +10,13 @@ other failure while running (a wrong feature size, say) is re-raised as
 inputs, with the first line of torch's message and the original exception
 chained, instead of a bare traceback from deep inside torch.
 
+A compiled module is for inference. Its outputs still require grad where the
+weights do (as the original's would), but a backward through them raises
+:class:`~exfx.errors.ExfxError` saying so, as does a backward through an
+``exfx::`` reference op of a graph run directly: pruned neurons and the native
+kernels have no gradient, so autograd would otherwise fail deep in torch or, through
+the native kernels, leave gradients silently missing. Train the original model.
+
 Example::
 
     >>> gm = exfx.compile(model, (x,))
@@ -27,7 +34,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
+from exfx import ops  # noqa: F401  (the exfx:: reference ops, given a backward that refuses below)
 from exfx.errors import ExfxError, UnsupportedModelError
 from exfx.meta import INPUT_SIZES_KEY, INPUT_SPECS_KEY
 
@@ -119,8 +128,23 @@ class CompiledModule(fx.GraphModule):
         """One :class:`InputSpec` per example input, in order."""
         return self.meta.get(INPUT_SPECS_KEY, ())
 
+    def _positional_names(self) -> tuple[str, ...] | None:
+        """The names of ``forward``'s inputs when it takes plain positional ones only (the common case, bound
+        without ``inspect`` on every call), else None. Cached per instance."""
+        cached = self.__dict__.get("_exfx_positional")
+        if cached is None:
+            parameters = inspect.signature(self.forward).parameters.values()
+            plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty
+                        for p in parameters)
+            cached = (tuple(p.name for p in parameters),) if plain else (None,)
+            self.__dict__["_exfx_positional"] = cached
+        return cached[0]
+
     def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Input name -> value, as ``forward`` would bind them; an exfx error when it would not."""
+        names = self._positional_names()
+        if names is not None and not kwargs and len(args) == len(names):
+            return dict(zip(names, args))
         signature = inspect.signature(self.forward)
         parameters = signature.parameters
         kinds = {p.kind for p in parameters.values()}
@@ -165,7 +189,11 @@ class CompiledModule(fx.GraphModule):
         values = self._bind(args, kwargs)
         self._check_inputs(values)
         try:
-            return super().__call__(*args, **kwargs)
+            if _hooked(self):  # nn.Module's call runs the hooks; without any it only adds per-call overhead
+                outputs = super().__call__(*args, **kwargs)
+            else:
+                outputs = self.forward(*args, **kwargs)
+            return _inference_only(outputs, type(self).__name__) if torch.is_grad_enabled() else outputs
         except ExfxError:
             raise
         except (RuntimeError, ValueError, IndexError) as err:
@@ -176,3 +204,71 @@ class CompiledModule(fx.GraphModule):
             raise UnsupportedModelError(
                 f"the compiled module failed on inputs [{given}]: {first_line}. It was compiled for example "
                 f"inputs [{expected}]; only the batch size (and sizes the model itself allows) may differ") from err
+
+
+def inference_only_message(what: str) -> str:
+    """Why a backward through compiled ``what`` (a module, a site) fails, and what to do instead."""
+    return (f"exfx compiled modules are for inference: backward through {what} is not supported (pruned "
+            f"neurons and the native kernels have no gradient); train the original model and compile it "
+            f"again, or run the compiled module under torch.no_grad()")
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """The identity, with a backward that raises the exfx error: without it, autograd would run through the
+    reference ops to torch's "no autograd formula" error, and through the native kernels to silently wrong
+    (missing) gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, what: str) -> torch.Tensor:
+        ctx.what = what
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise ExfxError(inference_only_message(ctx.what))
+
+
+def _refuse_backward_through(name: str) -> None:
+    """Give the ``exfx::name`` reference op a backward that raises the exfx error, naming its site.
+
+    For a graph run without :meth:`CompiledModule.__call__` (``gm.forward``, ``torch.compile``); every
+    one of these ops takes its site's name as its last argument.
+    """
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.site = inputs[-1]
+
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise ExfxError(inference_only_message(f"site {ctx.site!r} (exfx::{name})"))
+
+    torch.library.register_autograd(f"exfx::{name}", backward, setup_context=setup_context)
+
+
+for _name in ("partial_sum", "early_exit", "complete", "exact_exit", "dominance_linear"):
+    _refuse_backward_through(_name)
+del _name
+
+
+def _inference_only(outputs: Any, model: str) -> Any:
+    """``outputs`` with each plain tensor that requires grad passed through :class:`_InferenceOnly`; as they
+    are while a tracer (Dynamo, export, jit) runs the module, whose graph must not hold the guard."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return outputs
+    what = f"the compiled {model}"
+
+    def guard(value: Any) -> Any:
+        if type(value) in (torch.Tensor, torch.nn.Parameter) and value.requires_grad:
+            return _InferenceOnly.apply(value, what)
+        return value
+
+    if isinstance(outputs, torch.Tensor):  # the common case, without a tree walk
+        return guard(outputs)
+    return pytree.tree_map(guard, outputs)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook (its own or a global one), so it must go through ``nn.Module``."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    hooks = torch.nn.modules.module
+    shared = (hooks._global_forward_hooks, hooks._global_forward_pre_hooks, hooks._global_backward_hooks,
+              hooks._global_backward_pre_hooks)
+    return any(own) or any(shared) or torch._C._get_tracing_state() is not None

@@ -348,6 +348,19 @@ def _float_from_json(value: Any) -> Any:
     return value
 
 
+def _check_keep(keep: Any) -> dict[str, float]:
+    """``Plan.keep`` as ``{site: float in [0, 1]}``; a PlanError naming the field otherwise."""
+    if not isinstance(keep, Mapping):
+        raise PlanError(f"plan field 'keep' must map site names to keep ratios, got {type(keep).__name__}")
+    checked = {}
+    for site, ratio in keep.items():
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+            raise PlanError(f"plan field 'keep' site {site!r}: a keep ratio must be a number in [0, 1], "
+                            f"got {ratio!r}")
+        checked[str(site)] = float(ratio)
+    return checked
+
+
 def fingerprint(signatures: Mapping[str, str]) -> str:
     """A short stable hash of the eligible sites and their shapes."""
     text = "\n".join(f"{name}={sig}" for name, sig in sorted(signatures.items()))
@@ -363,12 +376,20 @@ class Plan:
     model whose sites differ raises :class:`~exfx.errors.PlanMismatchError` that
     lists them. A plan built by hand with no signatures is checked by site name
     only.
+
+    ``keep`` maps a site to the share of its neurons that calibration measured it
+    keeping under these parameters (:func:`exfx.calibrate` writes it); the native
+    lowering prices the site at that ratio. A site it does not name is "unknown".
     """
 
     sites: dict[str, SiteParams] = field(default_factory=dict)
     signatures: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    keep: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep = _check_keep(self.keep)
 
     @property
     def fingerprint(self) -> str | None:
@@ -396,8 +417,11 @@ class Plan:
         return cls(sites={s.name: chosen(s) if s.eligible else disabled for s in report.sites
                           if s.structurally_eligible}, signatures=dict(report.signatures))
 
-    def check_against(self, signatures: Mapping[str, str], fan_ins: Mapping[str, int]) -> None:
-        """Raise if this plan does not fit the model whose eligible sites are ``signatures``."""
+    def check_against(self, signatures: Mapping[str, str]) -> None:
+        """Raise if this plan was not made for the model whose eligible sites are ``signatures``.
+
+        Whether each site's parameters can run there is decided with the rest of the site's fate, in
+        :func:`exfx.passes.annotate_pass.decide`."""
         problems: list[str] = []
         if self.signatures:
             for name in sorted(set(self.signatures) | set(signatures)):
@@ -412,14 +436,13 @@ class Plan:
                 f"plan (fingerprint {self.fingerprint}) does not match this model (fingerprint "
                 f"{fingerprint(signatures)}); mismatched sites:\n  " + "\n  ".join(problems)
                 + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")
-        for name, params in self.sites.items():
-            if params.enabled and params.checkpoints[-1] > fan_ins[name]:
-                raise PlanError(f"plan site {name!r}: samples {params.checkpoints} exceed its fan-in {fan_ins[name]}; "
-                                f"use at most {fan_ins[name]} samples or set enabled=false")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "fingerprint": self.fingerprint, "signatures": dict(self.signatures),
+        data = {"version": self.version, "fingerprint": self.fingerprint, "signatures": dict(self.signatures),
                 "sites": {name: p.to_dict() for name, p in self.sites.items()}, "meta": dict(self.meta)}
+        if self.keep:  # written only when measured, so plans without it read as before
+            data["keep"] = dict(self.keep)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -428,7 +451,7 @@ class Plan:
         version = data.get("version")
         if version != PLAN_VERSION:
             raise PlanError(f"plan field 'version': expected {PLAN_VERSION}, got {version!r}")
-        unknown = set(data) - {"version", "fingerprint", "signatures", "sites", "meta"}
+        unknown = set(data) - {"version", "fingerprint", "signatures", "sites", "meta", "keep"}
         if unknown:
             raise PlanError(f"plan: unknown field(s) {sorted(unknown)}")
         sites, signatures = data.get("sites", {}), data.get("signatures", {})
@@ -440,7 +463,7 @@ class Plan:
         if not isinstance(meta, Mapping):
             raise PlanError(f"plan field 'meta' must be an object, got {type(meta).__name__}")
         plan = cls(sites={str(k): SiteParams.from_dict(v, str(k)) for k, v in sites.items()},
-                   signatures=dict(signatures), meta=dict(meta))
+                   signatures=dict(signatures), meta=dict(meta), keep=data.get("keep") or {})
         stored = data.get("fingerprint")
         if stored is not None and stored != plan.fingerprint:
             raise PlanError(f"plan field 'fingerprint' is {stored!r} but its signatures hash to "
@@ -481,4 +504,6 @@ class Plan:
         """
         sites = dict(self.sites)
         sites[name] = replace(sites.get(name, SiteParams()), **changes)
-        return Plan(sites=sites, signatures=dict(self.signatures), meta=dict(self.meta), version=self.version)
+        keep = {site: ratio for site, ratio in self.keep.items() if site != name}  # measured for the old params
+        return Plan(sites=sites, signatures=dict(self.signatures), meta=dict(self.meta), version=self.version,
+                    keep=keep)

@@ -7,6 +7,8 @@ small_cnn``, and the first 1,000 Fashion-MNIST test images (MIT licence, see
 
 Calibration uses images 0-499 and every reported figure uses images 500-999, so
 no reported number comes from the data the plan was chosen on. The output folder
+also times the dense model against the compiled one (the default, native lowering) at
+batch 1 and 100. The output folder
 gets ``pareto.png`` (accuracy against executed FLOPs for both rules, the
 calibrated plan, the oracle bound and the dense model), ``plan.json``,
 ``graph_diff.txt`` and ``summary.json``.
@@ -31,7 +33,9 @@ from exfx.tune.calibration import DEFAULT_SCHEDULES, calibrate
 from exfx.tune.evaluation import evaluate, oracle
 from exfx.capture import capture
 from exfx.examples import SmallCNN
+from exfx.cost.model import time_interleaved
 from exfx.meta import REPORT_KEY
+from exfx.report import lowering_summary
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,17 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return (outputs.argmax(-1) == targets).float().mean().item()
 
 
+#: The batch sizes the demo times dense against the compiled model at, and the timed calls per model.
+LATENCY_BATCHES = (1, 100)
+LATENCY_REPEATS = 30
+
+
+def _latency(dense: torch.nn.Module, compiled: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Median milliseconds per call of the dense model and the compiled one on ``x``, interleaved."""
+    timings = time_interleaved({"dense": lambda: dense(x), "exfx": lambda: compiled(x)}, LATENCY_REPEATS)
+    return timings["dense"], timings["exfx"]
+
+
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
@@ -88,7 +103,8 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
     analysis = analyse(model, example)  # once: the report, calibration, the plan, the oracle and the sweep
     lines = [str(analysis.report)]
     plan = calibrate(analysis, example, calibration, _accuracy, budget, confidence=CONFIDENCE, progress=False)
-    compiled = analysis.compile(plan)
+    compiled = analysis.compile(plan, lowering="reference")  # the reference ops: the FLOPs the masks save
+    fast = analysis.compile(plan)  # the default lowering: what runs fastest here, for the latency
     dense = evaluate(model, held_out, _accuracy, progress=False)
     calibrated = evaluate(compiled, held_out, _accuracy, progress=False)
     bound = oracle(analysis, example, held_out, _accuracy, samples=ORACLE_SAMPLES, progress=False)
@@ -105,6 +121,12 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
     lines.append(f"  FLOPs     dense {dense.executed / images / 1e6:.2f} M/image  ->  exfx "
           f"{calibrated.executed / images / 1e6:.2f} M/image ({100 * calibrated.reduction:.1f}% saved; "
           f"oracle bound {100 * bound.reduction:.1f}%: every non-positive neuron stops after {ORACLE_SAMPLES} units)")
+    latency = {rows: _latency(model, fast, x[500:500 + rows]) for rows in LATENCY_BATCHES}
+    for rows, (dense_ms, exfx_ms) in latency.items():
+        lines.append(f"  latency   dense {dense_ms:.3g} ms  ->  exfx {exfx_ms:.3g} ms per batch of {rows} "
+                     f"({dense_ms / exfx_ms:.2f}x; median of {LATENCY_REPEATS}, interleaved, "
+                     f"{torch.get_num_threads()} threads)")
+    lines.append("  " + lowering_summary(fast.meta[REPORT_KEY]))
 
     curves = pareto.sweep(analysis, example, held_out, _accuracy)
     pareto.plot(out / "pareto.png", "exfx demo: SmallCNN on Fashion-MNIST", curves,
@@ -116,7 +138,8 @@ def run_demo(out: str | Path = "exfx-demo", budget: float = 0.01) -> tuple[dict[
     summary = {"budget": budget, "dense_accuracy": dense.score, "exfx_accuracy": calibrated.score,
                "dense_flops_per_image": dense.executed / images, "exfx_flops_per_image": calibrated.executed / images,
                "reduction": calibrated.reduction, "oracle_reduction": bound.reduction,
-               "calibration": plan.meta["calibration"], "seconds": time.perf_counter() - started}
+               "calibration": plan.meta["calibration"], "seconds": time.perf_counter() - started,
+               "latency_ms": {str(rows): {"dense": d, "exfx": e} for rows, (d, e) in latency.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines.append(f"\nwrote {out}/pareto.png, plan.json, graph_diff.txt and summary.json "
           f"({summary['seconds']:.0f} s in all)")

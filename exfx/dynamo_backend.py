@@ -2,9 +2,10 @@
 
 Registered under the ``torch_dynamo_backends`` entry point, so it works without
 importing exfx first. Options arrive as
-``torch.compile(model, backend="exfx", options={"plan": plan_or_path, "config": {...}, "inner": "eager"})``
-or through ``torch.compile(model, backend=exfx.backend(plan=..., config=...))``; ``torch.compile``'s
-``mode=`` is passed on to Inductor.
+``torch.compile(model, backend="exfx", options={"plan": plan_or_path, "config": {...}, "inner": "eager",
+"lowering": "native"})`` or through ``torch.compile(model, backend=exfx.backend(plan=..., config=...))``;
+``torch.compile``'s ``mode=`` is passed on to Inductor. ``lowering`` is as for :func:`exfx.compile`: ``"native"``
+(the default, the fastest correct form measured here, chosen per call) or ``"reference"`` (the reference ops).
 
 What it does with each graph Dynamo hands it:
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,26 +44,40 @@ import torch.fx as fx
 
 from exfx.api import analyse
 from exfx.config import Config, Plan
-from exfx.capture import recover_parameters
+from exfx.capture import CaptureOptions, recover_parameters
 from exfx.errors import ExfxError, PlanMismatchError
 from exfx.meta import REPORT_KEY
+from exfx.passes.annotate_pass import resolve_lowering
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["exfx_backend", "backend"]
 
 _INNER = ("inductor", "eager")
+_OPTION_NAMES = ("config", "plan", "inner", "lowering")
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The backend's options, checked: the plan (cut per graph later), config, inner backend and lowering."""
+
+    plan: Plan | None
+    config: Config
+    inner: str
+    lowering: str
 
 
 def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
-                     config: Config | Mapping[str, Any] | None, inner: str | None) -> tuple[Plan | None, Config, str]:
+                     config: Config | Mapping[str, Any] | None, inner: str | None,
+                     lowering: str | None = None) -> _Options:
     options = dict(options or {})
-    unknown = set(options) - {"plan", "config", "inner"}
+    unknown = set(options) - set(_OPTION_NAMES)
     if unknown:
-        raise ExfxError(f"exfx backend: unknown option(s) {sorted(unknown)}; known: config, plan, inner")
+        raise ExfxError(f"exfx backend: unknown option(s) {sorted(unknown)}; known: {', '.join(_OPTION_NAMES)}")
     plan = options.get("plan", plan)
     config = options.get("config", config)
     inner = options.get("inner", inner) or "inductor"
+    lowering = options.get("lowering", lowering)
     if isinstance(plan, str) or hasattr(plan, "__fspath__"):
         plan = Plan.load(plan)  # type: ignore[arg-type]
     if config is None:
@@ -74,7 +90,11 @@ def _resolve_options(options: Mapping[str, Any] | None, plan: Plan | str | None,
         raise ExfxError(f"exfx backend: option 'plan' must be an exfx.Plan or a path, got {type(plan).__name__}")
     if inner not in _INNER:
         raise ExfxError(f"exfx backend: option 'inner' must be one of {_INNER}, got {inner!r}")
-    return plan, config, inner
+    try:
+        lowering = resolve_lowering(lowering)
+    except ValueError as error:
+        raise ExfxError(f"exfx backend: option 'lowering': {error}") from None
+    return _Options(plan, config, inner, lowering)
 
 
 def _plan_for_graph(plan: Plan | None, here: Mapping[str, str]) -> Plan | None:
@@ -94,31 +114,32 @@ def _plan_for_graph(plan: Plan | None, here: Mapping[str, str]) -> Plan | None:
         raise PlanMismatchError("plan does not match this model; mismatched sites:\n  " + "\n  ".join(mismatched)
                                 + "\nMake a new plan for this model (exfx.Plan.from_report / exfx.calibrate).")
     sites = {name: params for name, params in plan.sites.items() if name in here}
-    return Plan(sites=sites, meta=dict(plan.meta))
+    return Plan(sites=sites, meta=dict(plan.meta), keep={name: r for name, r in plan.keep.items() if name in here})
 
 
 def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapping[str, Any] | None = None,
                  plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
-                 inner: str | None = None, mode: str | None = None) -> Callable[..., Any]:
+                 inner: str | None = None, mode: str | None = None, lowering: str | None = None) -> Callable[..., Any]:
     """The Dynamo backend function (see module docstring).
 
     ``mode`` is ``torch.compile``'s ``mode=``, passed on to Inductor.
     """
-    plan, config, inner = _resolve_options(options, plan, config, inner)
-    if mode is not None and inner != "inductor":
+    resolved = _resolve_options(options, plan, config, inner, lowering)
+    if mode is not None and resolved.inner != "inductor":
         raise ExfxError(f"exfx backend: torch.compile(mode={mode!r}) configures Inductor, but the inner backend is "
-                        f"{inner!r}; drop mode, or use inner='inductor'")
+                        f"{resolved.inner!r}; drop mode, or use inner='inductor'")
     exfx_gm, kept, hidden = recover_parameters(gm, example_inputs)
     inputs = [example_inputs[i] for i in kept]
     # Outside Dynamo's tracing context: there, shape propagation would run on Dynamo's fake tensors, and
     # exfx reading a symbolic batch size as a number would make Dynamo specialise (and recompile) every size.
     with torch._guards.tracing(None):
         # One analysis: the plan is cut to this graph's sites from it, then compiled from it.
-        analysis = analyse(exfx_gm, inputs, hidden_inputs=hidden)
-        compiled = analysis.compile(_plan_for_graph(plan, analysis.signatures), config=config)
+        analysis = analyse(exfx_gm, inputs, capture_options=CaptureOptions(hidden_inputs=hidden))
+        compiled = analysis.compile(_plan_for_graph(resolved.plan, analysis.signatures), config=resolved.config,
+                                    lowering=resolved.lowering)
     logger.info("exfx backend: %d sites rewritten in a graph of %d nodes",
                 len(compiled.meta[REPORT_KEY].eligible), len(compiled.graph.nodes))
-    if inner == "inductor":
+    if resolved.inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
@@ -134,14 +155,15 @@ def exfx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapp
 
 
 def backend(*, plan: Plan | str | None = None, config: Config | Mapping[str, Any] | None = None,
-            inner: str = "inductor") -> Callable[..., Any]:
+            inner: str = "inductor", lowering: str | None = None) -> Callable[..., Any]:
     """A configured backend: ``torch.compile(model, backend=exfx.backend(plan=plan, inner="eager"))``.
 
     The options are checked, and a plan file read, here rather than at each graph.
     """
-    plan, config, inner = _resolve_options(None, plan, config, inner)
+    resolved = _resolve_options(None, plan, config, inner, lowering)
 
     def configured(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
-        return exfx_backend(gm, example_inputs, plan=plan, config=config, inner=inner, **kwargs)
+        return exfx_backend(gm, example_inputs, plan=resolved.plan, config=resolved.config, inner=resolved.inner,
+                            lowering=resolved.lowering, **kwargs)
 
     return configured

@@ -1,10 +1,15 @@
 """Every key exfx writes into ``node.meta`` / ``GraphModule.meta``, the typed records stored under them, and accessors.
 
-Passes talk to each other only through the graph: the analysis writes one frozen
+Passes talk to each other through the graph: the analysis writes one frozen
 :class:`SiteMatch` per ReLU (ReLU6 included; other activations get a never-eligible
-record) under :data:`SITE_KEY`; the ENP rewrite reads it back
-with :func:`site_match`. Nothing else carries state between stages, so a rewrite
-of a copy of the analysed graph sees exactly what the analysis decided.
+record) under :data:`SITE_KEY`. The annotate step (:mod:`exfx.passes.annotate_pass`)
+then writes one :class:`SiteDecision` per site under :data:`DECISION_KEY`, and one
+:class:`HeadDecision` on a head to rewrite for dominance prediction: what runs there
+and why, decided once. The rewrites (ENP, lowering, dominance) and the report only
+read those records, so a rewrite of a copy of the analysed graph does exactly what
+was decided. The stages' inputs that are not per node (the example inputs the
+lowering times on, its timing model) are the passes' constructor arguments; the
+lowering's outcome is written back as :class:`Lowering` records.
 
 Keys (all prefixed ``exfx_`` so they never collide with torch's own meta):
 
@@ -15,6 +20,8 @@ key                         where           value
 ``exfx_relu_source``        ReLU node       name of the node the ReLU was canonicalized from
 ``exfx_groups``             any tensor node exchangeable group per axis (``"g3"`` or None)
 ``exfx_site``               ReLU node       :class:`SiteMatch` (analysis verdict)
+``exfx_decision``           ReLU node       :class:`SiteDecision` (what runs at the site, and why)
+``exfx_head``               head linear     :class:`HeadDecision` (dominance prediction asked for, and its head)
 ``exfx_role``               rewritten nodes :class:`RewriteRole` (site and role of an ``exfx::`` node)
 ``exfx_lowering``           lowered nodes   :class:`Lowering` (form a site or consumer was lowered to, and why)
 ``exfx_report``             GraphModule     :class:`exfx.report.Report` of a compiled module
@@ -35,10 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 import torch.fx as fx
 
+from exfx.config import DominanceParams, SiteParams
+
 __all__ = [
     "NAME_KEY", "RELU_SOURCE_KEY", "GROUPS_KEY", "SITE_KEY", "ROLE_KEY", "REPORT_KEY", "INPUT_SIZES_KEY",
-    "INPUT_SPECS_KEY", "LOWERING_KEY", "RELU_FAMILY",
-    "SiteMatch", "RewriteRole", "Lowering", "LOWERING_FORMS",
+    "INPUT_SPECS_KEY", "LOWERING_KEY", "DECISION_KEY", "HEAD_KEY", "RELU_FAMILY",
+    "SiteMatch", "RewriteRole", "Lowering", "LOWERING_FORMS", "SiteDecision", "HeadDecision", "HeadMatch",
+    "LOWERING_INTENTS",
+    "site_decision", "set_site_decision", "head_decision", "set_head_decision",
     "producer_name", "set_producer_name", "relu_source", "set_relu_source", "axis_groups", "set_axis_groups",
     "site_match", "set_site_match", "rewrite_role", "set_rewrite_role", "site_of", "lowering", "set_lowering",
 ]
@@ -52,10 +63,15 @@ REPORT_KEY = "exfx_report"
 INPUT_SIZES_KEY = "exfx_input_sizes"
 INPUT_SPECS_KEY = "exfx_inputs"
 LOWERING_KEY = "exfx_lowering"
+DECISION_KEY = "exfx_decision"
+HEAD_KEY = "exfx_head"
 
 #: The forms the lowering pass chooses between: the masked reference ops, the native early-exit kernel, plain
 #: dense (producer + ReLU, no pruning), and, for a ``relu -> F.linear`` consumer, the sparse-input kernel.
 LOWERING_FORMS = ("reference", "native", "dense", "sparse_input")
+#: What the annotate step intends for a site: the ENP reference ops, a native form (the lowering measures
+#: native against dense), or dense (not rewritten); ``""`` for a record that is not a site.
+LOWERING_INTENTS = ("reference", "native", "dense", "")
 #: :attr:`SiteMatch.activation` of the ReLU family: plain ReLU, and the capped ReLU ``clamp(x, 0.0, t)``.
 RELU_FAMILY = ("relu", "clamp")
 
@@ -125,6 +141,87 @@ class SiteMatch:
 
 
 @dataclass(frozen=True)
+class SiteDecision:
+    """What runs at one site and why: written once by the annotate step, read by every pass and the report.
+
+    Attributes:
+        site: the site name (:attr:`SiteMatch.name`).
+        params: the resolved parameters (the plan's, else the config's, with ``exact`` only where it may run);
+            None where the site is not structurally eligible.
+        eligible: the ENP rewrite applies (structurally eligible, enabled, the schedule fits the fan-in).
+        reason: why not, when not eligible (one line), else empty.
+        exact_available: the lossless ``exact`` rule may run here.
+        exact_reason: why not, at a structurally eligible site (one line), else empty.
+        lowering: the intent, one of :data:`LOWERING_INTENTS`: ``reference`` (the ENP reference ops),
+            ``native`` (the lowering chooses the native kernel or dense), ``dense`` (left as the model had it),
+            ``""`` for an ineligible record.
+        lowering_reason: why that intent (one line), empty when there is nothing to say.
+        keep: the share of neurons calibration measured this site keeping under ``params``, or None (unknown).
+    """
+
+    site: str
+    params: SiteParams | None = None
+    eligible: bool = False
+    reason: str = ""
+    exact_available: bool = False
+    exact_reason: str = ""
+    lowering: str = ""
+    lowering_reason: str = ""
+    keep: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lowering not in LOWERING_INTENTS:
+            raise ValueError(f"site {self.site!r}: lowering intent must be one of {LOWERING_INTENTS}, "
+                             f"got {self.lowering!r}")
+        if self.eligible and (self.params is None or not self.lowering):
+            raise ValueError(f"site {self.site!r}: an eligible decision needs its parameters and a lowering intent")
+        if not self.eligible and self.lowering in ("reference", "native"):
+            raise ValueError(f"site {self.site!r}: an ineligible site cannot be lowered to {self.lowering!r}")
+        if self.keep is not None and not 0.0 <= self.keep <= 1.0:
+            raise ValueError(f"site {self.site!r}: keep ratio must be in [0, 1], got {self.keep!r}")
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the ENP reference rewrite runs here (the native intent is built by the lowering instead)."""
+        return self.eligible and self.lowering == "reference"
+
+
+@dataclass(frozen=True)
+class HeadMatch:
+    """What the head analysis decided: the typed contract between it and the dominance rewrite.
+
+    Attributes:
+        name: the head's name (the dotted name of its weight's module or parameter), or ``"-"``.
+        eligible: the rewrite may apply.
+        reason: why not, when not eligible (one line), else empty.
+        linear: the head's ``F.linear`` node name.
+        input: the head's input node name.
+        group: the exchangeable group of the contraction axis, or None.
+        n_units: features along the contraction axis.
+        classes: output features (classes).
+        blocks: units of each concat block along the contraction axis (empty: one population).
+    """
+
+    name: str
+    eligible: bool = False
+    reason: str = ""
+    linear: str = ""
+    input: str = ""
+    group: str | None = None
+    n_units: int = 0
+    classes: int = 0
+    blocks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeadDecision:
+    """Dominance prediction asked for at a head: the head analysis's record and the parameters (checked)."""
+
+    head: HeadMatch
+    params: DominanceParams
+
+
+@dataclass(frozen=True)
 class RewriteRole:
     """The site and role (``partial_sum_1``, ``early_exit_1``, ``complete``, ...) of a node the rewrite made."""
 
@@ -144,6 +241,8 @@ class Lowering:
         keep: the keep ratio (site) or input density (consumer) the choice was priced at, or None.
         timings: ``(form, milliseconds)`` pairs that were measured or read from the timing cache.
         input_site: for a consumer, the site whose ReLU output it reads; else empty.
+        max_rows: for a native form, the crossover: a call of more rows than this runs dense (per call, in the
+            op); -1: native at every size.
     """
 
     site: str
@@ -152,6 +251,7 @@ class Lowering:
     keep: float | None = None
     timings: tuple[tuple[str, float], ...] = ()
     input_site: str = ""
+    max_rows: int = -1
 
     def __post_init__(self) -> None:
         if self.form not in LOWERING_FORMS:
@@ -228,3 +328,23 @@ def lowering(node: fx.Node) -> Lowering | None:
 
 def set_lowering(node: fx.Node, record: Lowering) -> None:
     node.meta[LOWERING_KEY] = record
+
+
+def site_decision(node: fx.Node) -> SiteDecision | None:
+    """The annotate step's decision stored on a site's ReLU node, or None."""
+    record = node.meta.get(DECISION_KEY)
+    return record if isinstance(record, SiteDecision) else None
+
+
+def set_site_decision(node: fx.Node, record: SiteDecision) -> None:
+    node.meta[DECISION_KEY] = record
+
+
+def head_decision(node: fx.Node) -> HeadDecision | None:
+    """The dominance decision stored on a head's linear node, or None."""
+    record = node.meta.get(HEAD_KEY)
+    return record if isinstance(record, HeadDecision) else None
+
+
+def set_head_decision(node: fx.Node, record: HeadDecision) -> None:
+    node.meta[HEAD_KEY] = record

@@ -20,20 +20,22 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+import torch.fx as fx
+
 from exfx.config import EXACT_RULE, SiteParams, fingerprint
-from exfx.meta import RELU_FAMILY, SiteMatch
+from exfx.meta import RELU_FAMILY, SiteDecision, SiteMatch, lowering
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteInfo", "Report", "find_site"]
+__all__ = ["SiteInfo", "Report", "find_site", "lowering_rows", "lowering_summary"]
 
 
 @dataclass(frozen=True)
 class SiteInfo:
     """One ReLU and what exfx decided about it: a row of the report.
 
-    A view built from the analysis record (:class:`~exfx.meta.SiteMatch`) and the
-    parameters a config or plan gives the site.
+    A view of two records: the analysis's (:class:`~exfx.meta.SiteMatch`) and the
+    decision the annotate step made for the site (:class:`~exfx.meta.SiteDecision`).
 
     Attributes:
         name: dotted name of the module or parameter producing the summed
@@ -51,8 +53,9 @@ class SiteInfo:
         relu_node: the name of the ReLU node in the analysed graph.
         structurally_eligible: eligible whatever the parameters (fan-in and
             disabling aside).
-        lowering: after ``compile(..., lowering="native")``, the form the site
-            runs as (``native``, ``dense``, ``reference``); empty otherwise.
+        lowering: with ``lowering="native"``, the form the site runs as
+            (``native``, ``dense``, ``reference``; before compiling, the intent:
+            ``native`` means native or dense, whichever measures faster); empty otherwise.
         lowering_reason: why that form (one line), empty when ``lowering`` is.
         exact_available: the lossless ``exact`` rule may run here (the input is
             provably non-negative); False at a site that is not structurally eligible.
@@ -84,16 +87,15 @@ class SiteInfo:
         return self.activation in RELU_FAMILY
 
     @classmethod
-    def from_match(cls, match: SiteMatch, params: SiteParams | None = None) -> SiteInfo:
-        """The row for one analysed ReLU, given the parameters the plan or config gives it."""
-        row = cls(name=match.name, eligible=False, reason=match.reason, group=match.group, fan_in=match.fan_in,
-                  kind=match.kind, signature=match.signature, relu_node=match.relu,
-                  structurally_eligible=match.eligible, exact_available=match.exact_available,
-                  exact_reason=match.exact_reason, activation=match.activation)
-        if not match.eligible or params is None:
-            return row
-        eligible, reason = _eligibility(match, params)
-        return replace(row, params=params, samples=params.samples, eligible=eligible, reason=reason)
+    def from_decision(cls, match: SiteMatch, decision: SiteDecision) -> SiteInfo:
+        """The row for one analysed ReLU: the analysis's record and the annotate step's decision, read as is."""
+        return cls(name=match.name, eligible=decision.eligible, reason=decision.reason, group=match.group,
+                   fan_in=match.fan_in, samples=decision.params.samples if decision.eligible and decision.params
+                   else (), kind=match.kind, signature=match.signature, params=decision.params,
+                   relu_node=match.relu, structurally_eligible=match.eligible,
+                   lowering=decision.lowering if decision.lowering != "reference" or decision.lowering_reason
+                   else "", lowering_reason=decision.lowering_reason, exact_available=decision.exact_available,
+                   exact_reason=decision.exact_reason, activation=match.activation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "eligible": self.eligible, "reason": self.reason, "group": self.group,
@@ -105,14 +107,48 @@ class SiteInfo:
                 **({"lowering": self.lowering, "lowering_reason": self.lowering_reason} if self.lowering else {})}
 
 
-def _eligibility(match: SiteMatch, params: SiteParams) -> tuple[bool, str]:
-    if not params.enabled and params.rule == EXACT_RULE and not match.exact_available:
-        return False, f"rule 'exact' is unavailable here: {match.exact_reason}"
-    if not params.enabled:
-        return False, "disabled by the plan"
-    if (match.fan_in or 0) < params.checkpoints[-1]:
-        return False, f"fan-in {match.fan_in} < samples {params.checkpoints[-1]}"
-    return True, ""
+def lowering_rows(graph: fx.Graph) -> dict[str, tuple[str, str]]:
+    """What the lowering recorded on ``graph``: site -> ``(form, reason)``, each consumer's choice appended to its
+    input site's reason."""
+    sites: dict[str, list[str]] = {}
+    consumers: dict[str, tuple[str, str]] = {}
+    for node in graph.nodes:
+        record = lowering(node)
+        if record is None:
+            continue
+        if record.input_site:
+            consumers.setdefault(record.site, (record.input_site, record.describe()))
+        else:
+            sites.setdefault(record.site, [record.form, record.reason])
+    for name, (site, text) in consumers.items():
+        if site in sites:
+            sites[site][1] += f"; consumer {name}: {text}"
+    return {name: (form, reason) for name, (form, reason) in sites.items()}
+
+
+def lowering_summary(report: Report) -> str:
+    """One line on what runs at the sites of a compiled model: ``native: 2 of 3 sites lowered; 1 runs dense
+    (conv2d sites have no native kernel yet)``."""
+    eligible = report.eligible
+    if not eligible:
+        return "native: no ENP site; the model runs as it was"
+    native = [s for s in eligible if s.lowering == "native"]
+    others: dict[str, list[str]] = {}
+    for s in eligible:
+        if s.lowering != "native":
+            form = s.lowering or "reference"
+            others.setdefault(form, []).append(s.name)
+    parts = [f"native: {len(native)} of {len(eligible)} sites lowered"]
+    for form, names in others.items():
+        reasons = sorted({_first_clause(s.lowering_reason) for s in eligible if s.name in names and s.lowering_reason})
+        because = f" ({'; '.join(reasons)})" if reasons else ""
+        verb = "runs" if len(names) == 1 else "run"
+        parts.append(f"{len(names)} {verb} {'on the reference ops' if form == 'reference' else form}{because}")
+    return "; ".join(parts)
+
+
+def _first_clause(reason: str) -> str:
+    return reason.split(" (")[0].split(":")[0]
 
 
 _Named = TypeVar("_Named", SiteInfo, SiteMatch)

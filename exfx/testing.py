@@ -31,11 +31,12 @@ def assert_graph_matches(gm_or_spec: fx.GraphModule | str, golden_path: str | os
     """Assert that the rewritten graph equals the golden file (``AssertionError`` with the diff if not).
 
     ``gm_or_spec`` is an exfx-compiled GraphModule or a ``module:factory`` spec
-    (compiled here with ``config``/``plan``).
+    (compiled here with ``config``/``plan`` to the reference ops: a golden graph must not
+    depend on which forms this machine's timings pick).
     """
     if isinstance(gm_or_spec, str):
         model, inputs = load_spec(gm_or_spec)
-        gm: Any = exfx_compile(model, inputs, config, plan)
+        gm: Any = exfx_compile(model, inputs, config, plan, lowering="reference")
     else:
         gm = gm_or_spec
     if update is None:

@@ -7,11 +7,18 @@ site's dense pre-activation from the *same* inputs with plain ``F.linear`` /
 output of the site's ReLU. :func:`assert_enp_invariant` then checks the ENP
 contract at every site: a kept neuron equals the dense value (up to float
 reassociation) and a pruned neuron is exactly 0 after its ReLU.
+
+:func:`run_benchmark_code` runs what a test checks of a ``benchmarks/`` script in a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +31,7 @@ from exfx.meta import site_of
 
 RTOL = 1e-5
 ATOL = 1e-5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dense_preactivation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -113,3 +121,18 @@ def site_relus(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """ReLU nodes labelled with a site name by the exchangeability pass."""
     return {site_of(n): n for n in gm.graph.nodes
             if n.op == "call_function" and n.target is torch.relu and site_of(n) is not None}
+
+
+def run_benchmark_code(code: str, *args: str) -> str:
+    """Run the Python source ``code`` (with ``args`` as ``sys.argv[1:]``) in a fresh interpreter, with the
+    repository root on ``sys.path``; return what it printed, or fail with its traceback.
+
+    The tests never import ``benchmarks``: it is no part of the installed package, and a test run must not depend
+    on the scripts' imports (their data sets and extras). What a test checks of a script runs here instead.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the benchmark code failed:\n{done.stderr}"
+    return done.stdout

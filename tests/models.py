@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -246,3 +248,113 @@ class TransformerEncoderClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+# ---------------------------------------------------------------------------
+# Real architectures, random-initialised from small configs, no download: third-party ones (transformers, PyTorch
+# Geometric; imported only when built) and the models above that stand for DenseNet, MobileNet-V2 and
+# nn.TransformerEncoder. tests/test_third_party.py checks them; `python -m benchmarks.third_party` tabulates them.
+# ---------------------------------------------------------------------------
+
+
+class _Logits(torch.nn.Module):
+    """Calls a Hugging Face model with keyword inputs and returns its logits."""
+
+    def __init__(self, model: torch.nn.Module, *names: str) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs))).logits
+
+
+class _GraphClassifier(torch.nn.Module):
+    """A PyG encoder, mean pooling and a linear head."""
+
+    def __init__(self, body: torch.nn.Module, hidden: int = 64, classes: int = 3) -> None:
+        super().__init__()
+        self.body, self.head = body, torch.nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x, edge_index).mean(0, keepdim=True))
+
+
+def _ids(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(1))
+
+
+def _opt() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=64, activation_function="relu")
+    return _Logits(OPTForCausalLM(config), "input_ids"), (_ids(2, 12),)
+
+
+def _bert() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, hidden_act="relu", max_position_embeddings=64, num_labels=3)
+    return _Logits(BertForSequenceClassification(config), "input_ids"), (_ids(2, 12),)
+
+
+def _t5() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    return _Logits(T5ForConditionalGeneration(config), "input_ids", "decoder_input_ids"), (_ids(2, 12), _ids(2, 5))
+
+
+def _graph(kind: str) -> Callable[[], tuple[torch.nn.Module, tuple[Any, ...]]]:
+    def factory() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+        from torch_geometric.nn.models import GCN, GIN, GraphSAGE
+
+        body = {"GCN": GCN, "GIN": GIN, "GraphSAGE": GraphSAGE}[kind](8, 64, num_layers=3, act="relu")
+        generator = torch.Generator().manual_seed(2)
+        x = torch.randn(30, 8, generator=generator)
+        edge_index = torch.randint(0, 30, (2, 90), generator=generator)
+        return _GraphClassifier(body), (x, edge_index)
+
+    return factory
+
+
+def _local(kind: str) -> Callable[[], tuple[torch.nn.Module, tuple[Any, ...]]]:
+    """A model of this module with its example inputs."""
+
+    def factory() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+        generator = torch.Generator().manual_seed(3)
+        if kind == "DenseNetish":
+            return DenseNetish(), (torch.randn(2, 3, 16, 16, generator=generator),)
+        if kind == "MobileNetV2ish":
+            return MobileNetV2ish(), (torch.randn(2, 3, 32, 32, generator=generator),)
+        if kind == "TransformerEncoderClassifier":
+            return TransformerEncoderClassifier(), (_ids(2, 10),)
+        layer = torch.nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), (
+            torch.randn(2, 10, 64, generator=generator),)
+
+    return factory
+
+
+#: name -> (pip package, factory returning (model, example_inputs))
+ARCHITECTURES: dict[str, tuple[str, Callable[[], tuple[torch.nn.Module, tuple[Any, ...]]]]] = {
+    "OPT (transformers)": ("transformers", _opt),
+    "BERT, hidden_act=relu (transformers)": ("transformers", _bert),
+    "T5, ReLU feed-forward (transformers)": ("transformers", _t5),
+    "GCN (PyTorch Geometric)": ("torch_geometric", _graph("GCN")),
+    "GIN (PyTorch Geometric)": ("torch_geometric", _graph("GIN")),
+    "GraphSAGE (PyTorch Geometric)": ("torch_geometric", _graph("GraphSAGE")),
+    "DenseNet-style (concat blocks)": ("torch", _local("DenseNetish")),
+    "MobileNet-V2-style (ReLU6, Hardsigmoid SE)": ("torch", _local("MobileNetV2ish")),
+    "nn.TransformerEncoder with an embedding": ("torch", _local("TransformerEncoderClassifier")),
+    "nn.TransformerEncoder on raw features": ("torch", _local("TransformerEncoder")),
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """The architecture ``name`` of :data:`ARCHITECTURES`, in eval mode, with its example inputs (seed 0)."""
+    torch.manual_seed(0)
+    model, inputs = ARCHITECTURES[name][1]()
+    return model.eval(), inputs

@@ -4,7 +4,7 @@
   an upper bound), is a site like ReLU, and keeps its upper clamp through the rewrite and the native lowering.
 - GELU, SiLU, Hardswish, ... are reported, never eligible, with the reason.
 - A buffer read as data (Swin-V2's ``relative_coords_table``) pins its axes; BatchNorm statistics do not.
-- A non-site reason names the producer's op kind (``the conv2d `conv```).
+- A non-site reason names the producer's op kind (```conv` (conv2d)``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import exfx
 from exfx.analysis.opsets import activation_ceiling, is_capped_relu, is_relu
 from exfx.ci.graphdiff import graph_text
 from exfx.passes import CanonicalizePass
-from exfx.passes.snp_pass import prune
+from exfx.pruning import prune
 
 from helpers import assert_enp_invariant
 from models import DenseNetish, MobileNetV2ish, randomise_bn
@@ -366,8 +366,8 @@ class Scaled(nn.Module):
 def test_the_reason_names_the_op_kind() -> None:
     report = exfx.explain(Scaled().eval(), (torch.randn(2, 3, 6, 6),))
     assert [s.reason for s in report.sites] == [
-        "no linear/conv producer (the conv2d `conv` is followed by `.flip()`, which exfx does not carry partial "
-        "sums through)",
-        "no linear/conv producer (the linear `fc` is followed by `.flip()`, which exfx does not carry partial "
-        "sums through)",
+        "no linear/conv producer (`conv` (conv2d) is followed by `flip` (.flip()), which exfx does not carry "
+        "partial sums through)",
+        "no linear/conv producer (`fc` (linear) is followed by `flip_1` (.flip()), which exfx does not carry "
+        "partial sums through)",
     ]

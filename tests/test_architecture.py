@@ -1,7 +1,8 @@
-"""The package's shape: no import cycles, no private name imported across modules, no module shadowed.
+"""The package's shape: no import cycles, no import from a lower layer up to an entry point, no private name
+imported across modules, no module shadowed.
 
 The import graph is read from the source with ``ast`` (module-level and function-level imports alike), so a
-cycle hidden in a function body is found too.
+cycle or an upward import hidden in a function body is found too.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import networkx as nx
@@ -49,16 +51,76 @@ def tree_is_package(name: str) -> bool:
     return (ROOT.parent / name.replace(".", "/") / "__init__.py").exists()
 
 
+def _target(module: str, imported: str | None, modules: Iterable[str]) -> str:
+    """The module an import reads: ``from exfx import ops`` reads ``exfx.ops``; ``from exfx import analyse``,
+    ``exfx``."""
+    return f"{module}.{imported}" if imported and f"{module}.{imported}" in modules else module
+
+
 def _import_graph() -> nx.DiGraph:
     modules = _modules()
     graph = nx.DiGraph()
     graph.add_nodes_from(modules)
     for name, tree in modules.items():
         for module, imported in _imports(name, tree):
-            target = f"{module}.{imported}" if imported and f"{module}.{imported}" in modules else module
+            target = _target(module, imported, modules)
             if target in modules and target != name:
                 graph.add_edge(name, target)
     return graph
+
+
+#: The entry points: what a user calls or runs, ``exfx`` itself (its re-exports) included.
+ENTRY_POINTS = ("exfx", "exfx.__main__", "exfx.api", "exfx.cli", "exfx.demo", "exfx.dynamo_backend", "exfx.pruning")
+#: The layers under the entry points (``exfx.<layer>`` and everything in it), which never import one. ``tune/``
+#: is not among them: calibration and search take an :class:`exfx.Analysis` and sit beside the entry points.
+LOWER_LAYERS = ("passes", "analysis", "ops", "cost", "snp", "capture", "ci")
+
+
+def _dynamic_imports(tree: ast.Module) -> list[str]:
+    """``importlib.import_module("exfx...")`` and ``__import__("exfx...")`` with a literal name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and node.args[0].value.startswith("exfx"):
+            func = node.func
+            if (isinstance(func, ast.Attribute) and func.attr == "import_module") \
+                    or (isinstance(func, ast.Name) and func.id in ("import_module", "__import__")):
+                found.append(node.args[0].value)
+    return found
+
+
+def _entry_points_imported(name: str, tree: ast.Module, modules: Iterable[str]) -> list[str]:
+    targets = [_target(module, imported, modules) for module, imported in _imports(name, tree)]
+    return sorted({target for target in targets + _dynamic_imports(tree) if target in ENTRY_POINTS})
+
+
+def test_no_lower_layer_imports_an_entry_point() -> None:
+    """``passes/``, ``analysis/``, ``ops/``, ``cost/``, ``snp/``, ``capture/`` and ``ci/`` never import the entry
+    points: the arrows run down only (``snp_pass.py`` used to import ``exfx.api`` for ``prune``)."""
+    modules = _modules()
+    missing = [entry for entry in ENTRY_POINTS if entry not in modules]
+    assert not missing, f"entry points renamed or gone (update ENTRY_POINTS): {missing}"
+    layers = [layer for layer in LOWER_LAYERS if f"exfx.{layer}" in modules]
+    assert layers == list(LOWER_LAYERS), f"layers renamed or gone (update LOWER_LAYERS): {layers}"
+    upward = [f"{name} imports {entry}" for name, tree in modules.items()
+              if name.split(".")[1:2] and name.split(".")[1] in LOWER_LAYERS
+              for entry in _entry_points_imported(name, tree, modules)]
+    assert not upward, upward
+
+
+@pytest.mark.parametrize("name, source, expected", [
+    ("exfx.passes.snp_pass", "from exfx.api import analyse", ["exfx.api"]),
+    ("exfx.passes.snp_pass", "import exfx.cli as cli", ["exfx.cli"]),
+    ("exfx.passes.snp_pass", "from exfx import analyse", ["exfx"]),
+    ("exfx.passes.snp_pass", "import exfx", ["exfx"]),
+    ("exfx.passes.snp_pass", "from .. import demo", ["exfx.demo"]),
+    ("exfx.analysis", "from ..dynamo_backend import backend", ["exfx.dynamo_backend"]),
+    ("exfx.cost.flops", "def f():\n    from exfx.pruning import prune", ["exfx.pruning"]),
+    ("exfx.ops.enp", "import importlib\nimportlib.import_module('exfx.api')", ["exfx.api"]),
+    ("exfx.cost.flops", "from exfx import ops\nimport exfx.passes.attributes\nfrom ..snp import report", []),
+])
+def test_the_entry_point_check_sees_every_kind_of_import(name: str, source: str, expected: list[str]) -> None:
+    assert _entry_points_imported(name, ast.parse(source), _modules()) == expected
 
 
 def test_the_import_graph_has_no_cycle() -> None:
@@ -88,41 +150,30 @@ def test_no_module_attribute_is_shadowed_by_a_function_of_the_same_name() -> Non
     assert not shadowed, shadowed
 
 
-@pytest.mark.parametrize("old, new", [("flops", "exfx.cost.flops"), ("graphdiff", "exfx.ci.graphdiff"),
-                                      ("pareto", "exfx.tune.pareto")])
-def test_moved_modules_still_resolve_with_a_warning(old: str, new: str) -> None:
-    with pytest.warns(DeprecationWarning, match=new):
-        assert getattr(exfx, old) is importlib.import_module(new)
+@pytest.mark.parametrize("old", ["exfx.calibrate", "exfx.backend", "exfx.flops", "exfx.graphdiff", "exfx.spec",
+                                 "exfx.pareto", "exfx.dynamo_capture", "exfx.ops.enp_ops"])
+def test_no_stand_in_module_under_a_pre_release_path(old: str) -> None:
+    """exfx was never released: no old module path is kept alive (``exfx.calibrate``/``exfx.backend`` are functions)."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
 
 
-def test_moved_cost_constants_still_resolve_with_a_warning() -> None:
-    from exfx.cost.model import ZTEST_TEST_FLOPS
-
-    with pytest.warns(DeprecationWarning, match="exfx.cost.model"):
-        assert exfx.ops.ZTEST_TEST_FLOPS == ZTEST_TEST_FLOPS
-
-
-@pytest.mark.parametrize("statement, new", [
-    ("from exfx.calibrate import evaluate", "exfx.tune.evaluation"),
-    ("from exfx.calibrate import DEFAULT_SCHEDULES", "exfx.tune.calibration"),
-    ("from exfx.flops import count_flops", "exfx.cost.flops"),
-    ("from exfx.backend import exfx_backend", "exfx.dynamo_backend"),
-    ("from exfx.ops.enp_ops import MOMENT_FLOPS_PER_TERM", "exfx.cost.model"),
-])
-def test_old_import_paths_still_work_with_a_warning(statement: str, new: str) -> None:
-    with pytest.warns(DeprecationWarning, match=new):
-        exec(statement, {})
+@pytest.mark.parametrize("package, name", [(exfx, "flops"), (exfx, "graphdiff"), (exfx, "spec"), (exfx, "pareto"),
+                                           (exfx, "dynamo_capture"), (exfx.ops, "ZTEST_TEST_FLOPS")])
+def test_no_module_getattr_serves_a_moved_name(package: object, name: str) -> None:
+    assert not hasattr(package, "__getattr__")
+    with pytest.raises(AttributeError):
+        getattr(package, name)
 
 
-def test_deprecated_pass_arguments_still_work_with_a_warning() -> None:
+def test_passes_take_only_their_current_arguments() -> None:
     import torch
 
     from exfx.passes import EnpPass, ExchangeabilityPass
 
-    with pytest.warns(DeprecationWarning, match="decided per plan"):
-        ExchangeabilityPass(samples=8)
+    with pytest.raises(TypeError, match="samples"):
+        ExchangeabilityPass(samples=8)  # type: ignore[call-arg]
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU())
-    analysis = exfx.analyse(model.eval(), (torch.randn(2, 4),))
-    report = analysis.explain(exfx.Config(samples=8))
-    with pytest.warns(DeprecationWarning, match="SiteParams"):
-        assert EnpPass(report.sites).params == {"2": exfx.Config(samples=8).site_params}
+    report = exfx.analyse(model.eval(), (torch.randn(2, 4),)).explain(exfx.Config(samples=8))
+    with pytest.raises(TypeError):  # exfx 0.1's EnpPass(report.sites): the report's rows are no pass argument
+        EnpPass(report.sites)  # type: ignore[arg-type]

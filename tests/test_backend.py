@@ -67,8 +67,9 @@ def test_backend_matches_exfx_compile(name):
     torch.manual_seed(0)
     model, x = CASES[name]()
     config = exfx.Config(threshold=0.0, samples=16)
-    expected = exfx.compile(model, (x,), config)(x)
-    compiled = torch.compile(model, backend="exfx", options={"config": config.to_dict(), "inner": "eager"})
+    expected = exfx.compile(model, (x,), config, lowering="reference")(x)
+    compiled = torch.compile(model, backend="exfx", options={"config": config.to_dict(), "inner": "eager",
+                                                             "lowering": "reference"})
     with torch.no_grad():
         actual = compiled(x)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
@@ -142,6 +143,7 @@ def test_never_prune_equals_the_original_model():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # Inductor generates and compiles C++
 def test_inductor_is_the_default_inner_backend():
     torch.manual_seed(0)
     model, x = MLP().eval(), torch.randn(4, 20)
@@ -184,6 +186,7 @@ def test_every_dropout_in_training_mode_is_refused(dropout, shape):
     ({"inner": "tvm"}, "'inner' must be one of"),
     ({"config": {"rule": "nope"}}, "rule must be one of"),
     ({"config": 3}, "'config' must be an exfx.Config"),
+    ({"lowering": "fast"}, "option 'lowering': lowering must be one of"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(Exception, match=message):
@@ -396,3 +399,28 @@ def test_dynamo_capture_returns_a_tensor_for_a_tensor_and_every_output_tensor_ot
     assert len(out) == 2  # the model's own tensors first, then the box's
     torch.testing.assert_close(out[0], logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], box.tensor, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, forms", [({}, {"native", "dense"}), ({"lowering": "native"}, {"native", "dense"}),
+                                            ({"lowering": "reference"}, {""})])
+def test_lowering_option_and_its_native_default(options, forms, monkeypatch, tmp_path):
+    """No option means native lowering, as exfx.compile; each call equals the reference ops or the dense model."""
+    monkeypatch.setenv("EXFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("EXFX_LOWERING", raising=False)
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(6, 20)
+    config = exfx.Config(threshold=0.0, samples=16)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        run = exfx.dynamo_backend.exfx_backend(gm, example_inputs, options={"config": config.to_dict(),
+                                                                            "inner": "eager", **options})
+        graphs.append(run.exfx_graph)
+        return run
+
+    compiled = torch.compile(model, backend=recording)
+    with torch.no_grad():
+        actual = compiled(x)
+        reference, dense = exfx.compile(model, (x,), config, lowering="reference")(x), model(x)
+    assert {s.lowering for g in graphs for s in g.meta["exfx_report"].eligible} <= forms
+    assert torch.allclose(actual, reference, atol=1e-5) or torch.allclose(actual, dense, atol=1e-5)

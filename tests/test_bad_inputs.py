@@ -98,3 +98,25 @@ def test_samples_at_least_fan_in_is_not_a_site_and_says_why():
     deep = MLP((20, 24, 24, 10)).eval()
     report = exfx.explain(deep, (torch.randn(2, 20),), exfx.Config(samples=32))
     assert report.sites[1].reason == "fan-in 24 < samples 32"
+
+
+class _TwoLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 512)
+        self.fc2 = torch.nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "dynamo"])
+def test_example_inputs_of_the_wrong_shape_fail_in_one_short_line(capture, capsys):
+    with pytest.raises(exfx.UnsupportedModelError) as caught:
+        exfx.compile(_TwoLayer().eval(), (torch.randn(8, 8),), capture=capture)
+    first = str(caught.value).splitlines()[0]
+    assert len(first) < 300, first
+    assert "`fc1` (Linear)" in first and "8x8 and 64x512" in first, first
+    assert "example_inputs" in first and "ShapeProp" not in str(caught.value)
+    if capture == "fx":  # (Dynamo's fake-tensor run logs torch's own traceback before exfx sees the error)
+        assert capsys.readouterr().err == ""

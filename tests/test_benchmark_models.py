@@ -1,18 +1,22 @@
 """The graph and language benchmarks' building blocks, on synthetic data (no Debian package, no training).
 
-Skipped where PyTorch Geometric or transformers is missing (``pip install ".[thirdparty]"``).
+The benchmark GCN (:class:`exfx.examples.GCN`) is skipped where PyTorch Geometric is missing (``pip install
+".[thirdparty]"``). What is the scripts' own (the text split, the predictor frontier's helpers) runs in a
+subprocess (:func:`helpers.run_benchmark_code`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 import exfx
+from exfx.examples import GCN
 
-from helpers import assert_enp_invariant
+from helpers import assert_enp_invariant, run_benchmark_code
 
 
 def _graphs(sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,8 +36,6 @@ def _graphs(sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, to
 @pytest.fixture(scope="module")
 def gcn():
     pytest.importorskip("torch_geometric")
-    from benchmarks.gcn import GCN
-
     from models import randomise_bn
 
     torch.manual_seed(0)
@@ -43,8 +45,6 @@ def gcn():
 
 
 def test_gcn_sparse_and_gather_aggregations_agree(gcn):
-    from benchmarks.gcn import GCN
-
     sparse = GCN(hidden=64, layers=3, aggregation="sparse")
     sparse.load_state_dict(gcn.state_dict())
     inputs = _graphs([7, 12, 5], seed=1)
@@ -76,47 +76,73 @@ def test_gcn_flops_count_the_linear_layers_only(gcn):
     assert flops.dense == linear
 
 
-def test_text_split_deals_whole_files_deterministically(tmp_path):
-    from benchmarks import text_data
+#: Splits the files of the folder ``sys.argv[1]`` twice; prints JSON: whether both splits agree, and the first's names.
+TEXT_SPLIT = """
+import json
+import sys
+from pathlib import Path
 
+from benchmarks import text_data
+
+first = text_data.split_files(Path(sys.argv[1]))
+text_data.split_files.cache_clear()
+second = text_data.split_files(Path(sys.argv[1]))
+print(json.dumps({"same": first == second, "splits": {split: [path.name for path in first[split]]
+                                                      for split in text_data.SPLITS}}))
+"""
+
+
+def test_text_split_deals_whole_files_deterministically(tmp_path):
     for i in range(40):
         (tmp_path / f"doc{i:02d}.rst.txt").write_bytes(bytes([65 + i % 26]) * (100 + 10 * i))
-    first = text_data.split_files(tmp_path)
-    text_data.split_files.cache_clear()
-    second = text_data.split_files(tmp_path)
-    assert first == second
-    files = [path for split in text_data.SPLITS for path in first[split]]
-    assert sorted(files) == sorted(tmp_path.glob("*.rst.txt")) and len(set(files)) == 40
-    assert all(first[split] for split in text_data.SPLITS)
+    out = json.loads(run_benchmark_code(TEXT_SPLIT, str(tmp_path)))
+    assert out["same"]
+    files = [name for names in out["splits"].values() for name in names]
+    assert sorted(files) == sorted(path.name for path in tmp_path.glob("*.rst.txt")) and len(set(files)) == 40
+    assert list(out["splits"]) == ["train", "val", "test"] and all(out["splits"].values())
 
 
-def _tiny_bench(name: str, model: torch.nn.Module, batches: list) -> "Benchmark":
-    from benchmarks.exprune_table import Benchmark, accuracy
+#: A random VGG-11 ordered by importance: the same function, its second conv's filters moved; ResNet-18 is not.
+IMPORTANCE_ORDER = """
+import torch
 
-    return Benchmark(name, model.eval(), (batches[0][0][:2],), batches, batches, accuracy, "accuracy")
+from benchmarks.exprune_table import Benchmark, accuracy
+from benchmarks.predictor_frontier import importance_ordered
+from exfx.examples import VGG11
+from tests.models import randomise_bn
+
+torch.manual_seed(0)
+model = randomise_bn(VGG11(in_channels=1, width=2)).eval()
+batches = [(torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))) for _ in range(8)]
+
+
+def bench(name):
+    return Benchmark(name, model, (batches[0][0][:2],), batches, batches, accuracy, "accuracy")
+
+
+ordered = importance_ordered(bench("vgg11"))
+with torch.no_grad():
+    torch.testing.assert_close(ordered(batches[0][0]), model(batches[0][0]), rtol=1e-4, atol=1e-5)
+ordered_convs, convs = ([m for m in net.features if isinstance(m, torch.nn.Conv2d)] for net in (ordered, model))
+assert not torch.equal(ordered_convs[1].weight, convs[1].weight)
+assert importance_ordered(bench("resnet18")) is None
+"""
 
 
 def test_importance_order_keeps_the_function_and_puts_the_heaviest_units_first():
-    from benchmarks.models import VGG11
-    from benchmarks.predictor_frontier import importance_ordered
+    run_benchmark_code(IMPORTANCE_ORDER)
 
-    from models import randomise_bn
 
-    torch.manual_seed(0)
-    model = randomise_bn(VGG11(in_channels=1, width=2)).eval()
-    batches = [(torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))) for _ in range(8)]
-    ordered = importance_ordered(_tiny_bench("vgg11", model, batches))
-    with torch.no_grad():
-        torch.testing.assert_close(ordered(batches[0][0]), model(batches[0][0]), rtol=1e-4, atol=1e-5)
-    convs = [m for m in ordered.features if isinstance(m, torch.nn.Conv2d)]
-    second = convs[1].weight.detach()
-    assert not torch.equal(second, [m for m in model.features if isinstance(m, torch.nn.Conv2d)][1].weight)
-    assert importance_ordered(_tiny_bench("resnet18", model, batches)) is None
+CHANNEL_OF = """
+import torch
+
+from benchmarks.predictor_frontier import channel_of
+
+flat = torch.arange(2 * 3 * 4 * 5)
+assert torch.equal(channel_of(flat, (2, 3, 4, 5), linear=False), torch.unravel_index(flat, (2, 3, 4, 5))[1])
+assert torch.equal(channel_of(torch.arange(24), (2, 3, 4), linear=True), torch.arange(24) % 4)
+"""
 
 
 def test_channel_of_matches_unravel_index():
-    from benchmarks.predictor_frontier import channel_of
-
-    flat = torch.arange(2 * 3 * 4 * 5)
-    assert torch.equal(channel_of(flat, (2, 3, 4, 5), linear=False), torch.unravel_index(flat, (2, 3, 4, 5))[1])
-    assert torch.equal(channel_of(torch.arange(24), (2, 3, 4), linear=True), torch.arange(24) % 4)
+    run_benchmark_code(CHANNEL_OF)

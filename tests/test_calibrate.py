@@ -116,6 +116,7 @@ def test_looser_budget_saves_at_least_as_much(task):
     assert loose.meta["calibration"]["reduction"] >= tight.meta["calibration"]["reduction"] - 1e-9
 
 
+@pytest.mark.slow  # three calibrations, one per budget, to compare with (about 10 s)
 def test_several_budgets_at_once_give_calibrates_plans_for_fewer_evaluations(task):
     model, example, data = task
     budgets = (0.0, 0.01, 0.05)
@@ -156,20 +157,58 @@ def test_alphas_may_be_an_array(task):
     assert all(p.alpha in (0.01, 0.05) for p in plan.sites.values() if p.enabled and p.rule == "ztest")
 
 
-def test_tracing_options_reach_every_compile(task, caplog):
+def test_capture_options_reach_every_compile(task, caplog):
     """calibrate took no capture options: a model whose input is a hidden activation had its first site
     left out of the plan, and compiling the plan with hidden_inputs then failed with a plan mismatch."""
     model, example, data = task
-    tracing = {"hidden_inputs": ["input"]}  # nn.Sequential's argument: treat it as a hidden activation
-    with caplog.at_level(logging.WARNING, logger="exfx.calibrate"):
-        plan = exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=3, tracing=tracing)
+    capture = exfx.CaptureOptions(hidden_inputs=["input"])  # nn.Sequential's argument: a hidden activation
+    with caplog.at_level(logging.WARNING, logger="exfx.tune"):
+        plan = exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=3, capture_options=capture)
     assert "no output gradients" not in caplog.text  # the gains pass analysed the model with the same options
     assert "0" in plan.sites and "0" not in exfx.calibrate(model, example, data, _accuracy, 0.05, max_evals=3).sites
-    exfx.compile(model, example, plan=plan, hidden_inputs=["input"])
-    searched = exfx.random_search(model, example, data, _accuracy, 0.05, evals=2, tracing=tracing)
+    exfx.compile(model, example, plan=plan, capture_options=capture)
+    exfx.compile(model, example, plan=plan, hidden_inputs=["input"])  # the same options, as separate keywords
+    searched = exfx.random_search(model, example, data, _accuracy, 0.05, evals=2,
+                                  capture_options={"hidden_inputs": ["input"]})  # a dict of the fields too
     assert "0" in searched.sites
     with pytest.raises(ValueError, match="capture options"):
-        exfx.calibrate(model, example, data, _accuracy, 0.05, tracing={"hidden_input": ["input"]})
+        exfx.calibrate(model, example, data, _accuracy, 0.05, capture_options={"hidden_input": ["input"]})
+    with pytest.raises(ValueError, match="captured already"):
+        exfx.calibrate(exfx.analyse(model, example), None, data, _accuracy, 0.05, capture_options=capture)
+
+
+def test_options_object_and_keywords_are_one_calibration(task):
+    """calibrate(options=CalibrationOptions(...)) is calibrate(**the same fields); keywords override the object."""
+    model, example, data = task
+    options = exfx.CalibrationOptions(max_evals=3, seed=2, alphas=(0.01, 0.05), progress=False)
+    by_object = exfx.calibrate(model, example, data, _accuracy, 0.01, options=options)
+    by_keywords = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=3, seed=2, alphas=(0.01, 0.05),
+                                 progress=False)
+    assert by_object.sites == by_keywords.sites
+    budgets = exfx.calibrate_budgets(model, example, data, _accuracy, (0.01,), options=exfx.CalibrationOptions(),
+                                     max_evals=3, seed=2, alphas=(0.01, 0.05), progress=False)
+    assert budgets[0.01].sites == by_object.sites
+    assert exfx.CalibrationOptions.from_kwargs(options, seed=5) == exfx.CalibrationOptions(
+        max_evals=3, seed=5, alphas=(0.01, 0.05), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"tracing": {}}, TypeError, "unexpected keyword argument.*'tracing'.*capture_options"),
+    ({"options": {"seed": 1}}, TypeError, "options must be an exfx.CalibrationOptions"),
+    ({"max_neurons": 0}, ValueError, "max_neurons"),
+    ({"seed": 1.5}, ValueError, "seed"),
+    ({"confidence": 1.0}, ValueError, "confidence"),
+    ({"sensitivity": "hessian"}, ValueError, "sensitivity"),
+    ({"config": "threshold"}, TypeError, "config must be an exfx.Config"),
+    ({"capture_options": ["input"]}, TypeError, "capture_options must be"),
+    ({"schedules": (8, 16)}, ValueError, "schedules must be a sequence of checkpoint schedules"),
+])
+def test_bad_options_fail_before_any_pass(kwargs, error, message):
+    """The options check themselves when built: no model, data or metric is touched."""
+    with pytest.raises(error, match=message):
+        exfx.calibrate(None, None, None, None, 0.01, **kwargs)
+    with pytest.raises(error, match=message):
+        exfx.calibrate_budgets(None, None, None, None, (0.01,), **kwargs)
 
 
 def test_deterministic_under_seed(task):
@@ -403,3 +442,20 @@ def test_the_recorded_sample_holds_no_more_memory_than_its_own_values(task):
                 for t in [*sample.picks, *sample.pre, *(v for rules in sample.checkpoints.values()
                                                         for values in rules.values() for v in values)]]
     assert recorded and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in recorded)
+
+
+def test_plan_records_each_sites_measured_keep_ratio(task):
+    """Calibration writes what it measured: each enabled site's share of neurons kept, over the data it saw."""
+    model, example, data = task
+    plan = exfx.calibrate(model, example, data, _accuracy, 0.01, max_evals=8)
+    enabled = {name for name, params in plan.sites.items() if params.enabled}
+    assert enabled and set(plan.keep) == enabled
+    compiled = exfx.compile(model, example, plan=plan)
+    neurons, pruned = {}, {}
+    for inputs, _ in data:
+        for name, site in exfx.count_flops(compiled, inputs).sites.items():
+            neurons[name] = neurons.get(name, 0) + site.neurons
+            pruned[name] = pruned.get(name, 0) + site.pruned
+    for name in enabled:
+        assert plan.keep[name] == pytest.approx(1 - pruned[name] / neurons[name])
+    assert exfx.Plan.from_json(plan.to_json()).keep == plan.keep

@@ -150,6 +150,39 @@ def test_leaf_modules_fixes_an_untraceable_submodule() -> None:
     assert not report.site("fc2").eligible
 
 
+def test_capture_options_are_the_separate_keywords_in_one_object() -> None:
+    """exfx.analyse/explain/compile take the capture options as keywords or as one exfx.CaptureOptions (or a
+    dict of its fields), the bundle the tuners' capture_options= takes; not both at once."""
+    model = Outer().eval()
+    x = torch.randn(5, 8)
+    options = exfx.CaptureOptions(leaf_modules=["inner"])
+    assert options.leaf_modules == ("inner",) and options == exfx.CaptureOptions.of({"leaf_modules": ("inner",)})
+    keywords = exfx.analyse(model, (x,), leaf_modules=["inner"])
+    assert exfx.analyse(model, (x,), capture_options=options).signatures == keywords.signatures
+    assert exfx.explain(model, (x,), capture_options={"leaf_modules": ["inner"]}).to_dict() \
+        == exfx.explain(model, (x,), leaf_modules=["inner"]).to_dict()
+    gm = exfx.compile(model, (x,), NEVER, capture_options=options)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="not both"):
+        exfx.compile(model, (x,), capture_options=options, capture="fx")
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"leaf_modules": "inner"}, TypeError, "leaf_modules must be a sequence of names"),
+    ({"hidden_inputs": [0]}, TypeError, "hidden_inputs must hold names"),
+    ({"concrete_args": ["double"]}, TypeError, "concrete_args must map"),
+    ({"capture": "jit"}, ValueError, "capture must be one of"),
+])
+def test_bad_capture_options_name_the_field(fields: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        exfx.CaptureOptions(**fields)
+    with pytest.raises(error, match=message):
+        exfx.compile(Outer().eval(), (torch.randn(2, 8),), **fields)
+    with pytest.raises(ValueError, match="capture options of exfx.compile"):
+        exfx.CaptureOptions.of({"leaf_module": ["inner"]})
+
+
 def test_unknown_leaf_module_name() -> None:
     with pytest.raises(exfx.CaptureError, match="not submodules"):
         exfx.compile(Outer().eval(), (torch.randn(2, 8),), leaf_modules=["innr"])

@@ -23,7 +23,7 @@ import exfx
 from exfx.cost.model import FORCE_LOWERING_ENV, THRESHOLD_TEST_FLOPS
 from exfx.meta import SiteMatch, rewrite_role
 from exfx.ops import native
-from exfx.passes.enp_pass import sample_order
+from exfx.passes.operands import sample_order
 
 from fuzz_models import Layer, Spec, build
 from helpers import assert_enp_invariant

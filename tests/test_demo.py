@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from exfx.cli import main
@@ -19,6 +20,7 @@ def test_bundled_model_and_images_are_real():
     assert accuracy > 0.8  # a trained network, not a random one (random is about 0.1)
 
 
+@pytest.mark.slow  # calibrates and evaluates the demo CNN on 1,000 images (about a minute)
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--budget", "0.01"]) == 0

@@ -57,6 +57,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun starts two processes that each import torch and exfx
 @pytest.mark.skipif(not GLOO, reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_two_gloo_ranks_return_the_single_process_plan(tmp_path: Path) -> None:
     model, example, data = _task()

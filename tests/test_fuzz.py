@@ -1,6 +1,7 @@
 """Property-based fuzzing over random architectures (tests/fuzz_models.py).
 
-The CI profile runs 100 examples per property. The long profile runs 2,000:
+The CI profile runs 100 examples per property (the three slowest properties are marked ``slow``: the default
+local run leaves them out, ``.ci/run`` runs them). The long profile runs 2,000:
 
     EXFX_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -m "slow or not slow"
 """
@@ -11,6 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 
+import pytest
 import torch
 import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
@@ -69,6 +71,7 @@ def test_never_prune_is_equivalent(spec, samples):
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # over 5 s at 100 examples; the other properties stay in the default run
 @FUZZ
 @given(spec=architectures(), data=st.data())
 def test_enp_invariant_under_random_plans(spec, data):
@@ -80,6 +83,7 @@ def test_enp_invariant_under_random_plans(spec, data):
         assert_enp_invariant(gm, x, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # over 5 s at 100 examples; the other properties stay in the default run
 @FUZZ
 @given(spec=architectures(), data=st.data())
 def test_executed_flops_at_most_dense_plus_test_overhead(spec, data):
@@ -134,6 +138,7 @@ def test_plan_survives_json_round_trip(spec, data, tmp_path_factory):
     assert loaded.to_json() == plan.to_json()
 
 
+@pytest.mark.slow  # over 5 s at 100 examples; the other properties stay in the default run
 @FUZZ
 @given(spec=architectures())
 def test_capture_by_graph_module_gives_the_same_result(spec):

@@ -171,15 +171,15 @@ def test_chains_that_mix_features_are_refused_with_the_reason(kind, reason):
     inputs = _inputs()
     report = exfx.explain(model, inputs)
     (site,) = [s for s in report.sites if not s.name.startswith("embed")]
-    assert not site.eligible and reason in site.reason and "message passing after the linear `lin`" in site.reason
+    assert not site.eligible and reason in site.reason and "message passing after `lin` (linear)" in site.reason
     with torch.no_grad():  # still compiles, left dense
         torch.testing.assert_close(exfx.compile(model, inputs, NEVER)(*inputs), model(*inputs))
 
 
-@pytest.mark.slow  # Dynamo captures GCNConv (about 20 s); test_third_party covers PyG's GCN
+@pytest.mark.slow  # Dynamo captures PyG's GCNConv, as in test_third_party's slow cases; .ci/run runs it
 def test_pyg_gcn_relus_are_sites():
     pytest.importorskip("torch_geometric")
-    from benchmarks.third_party import build
+    from models import build
 
     model, inputs = build("GCN (PyTorch Geometric)")
     analysis = exfx.analyse(model, inputs)
@@ -198,10 +198,10 @@ def test_pyg_gcn_relus_are_sites():
     assert exfx.count_flops(pruning, *inputs).executed < flops.dense
 
 
-@pytest.mark.slow  # Dynamo captures GCNConv (about 20 s); test_third_party covers PyG's GCN
+@pytest.mark.slow  # Dynamo captures PyG's GCNConv, as in test_third_party's slow cases; .ci/run runs it
 def test_benchmark_gcn_spelled_with_gcnconv_is_the_same_function_with_a_site_per_layer():
     pytest.importorskip("torch_geometric")
-    from benchmarks.gcn import GCN, GCNConvGCN
+    from exfx.examples import GCN, GCNConvGCN
     from models import randomise_bn
     from test_benchmark_models import _graphs
 

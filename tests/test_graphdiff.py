@@ -1,4 +1,4 @@
-"""Graph text, diffs and golden checks (exfx.graphdiff, exfx.testing)."""
+"""Graph text, diffs and golden checks (exfx.ci.graphdiff, exfx.testing)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def test_text_is_deterministic_within_a_process():
     assert _text(mlp) == _text(mlp)
 
 
+@pytest.mark.slow  # two fresh interpreters import torch and exfx (about 5 s)
 def test_text_is_deterministic_across_processes():
     code = "import exfx, specs; from exfx.ci.graphdiff import graph_text; m, i = specs.mlp(); " \
            "print(graph_text(exfx.compile(m, i)), end='')"

@@ -191,7 +191,7 @@ def test_reference_lowering_is_unchanged_and_bad_values_are_refused() -> None:
     with pytest.raises(ValueError, match="lowering must be one of"):
         analysis.compile(exfx.Config(samples=16), lowering="fast")
     explained = exfx.explain(model, (make(2),), exfx.Config(samples=16), lowering="native")
-    assert {s.lowering for s in explained.eligible} == {"native|dense"}
+    assert {s.lowering for s in explained.eligible} == {"native"}
 
 
 def test_fallback_gives_identical_outputs_and_masks(built: bool, tmp_path: Path) -> None:
@@ -253,7 +253,8 @@ def test_planned_keep_ratio_prices_the_site(built: bool) -> None:
     model, make = _model("mlp")
     analysis = exfx.analyse(model, (make(4),))
     plan = exfx.Plan.from_report(analysis.explain(exfx.Config(samples=16)), exfx.Config(samples=16))
-    plan.meta["calibration"] = {"keep": {"net.2": 0.25}}
+    plan = exfx.Plan(sites=plan.sites, signatures=plan.signatures, keep={"net.2": 0.25})
+    assert exfx.Plan.from_json(plan.to_json()).keep == {"net.2": 0.25}
     lowered = analysis.compile(plan, lowering="native")
     records = [lowering(n) for n in lowered.graph.nodes if lowering(n) is not None]
     keeps = {r.site: r.keep for r in records if r.form == "native"}

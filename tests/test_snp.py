@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import exfx
-from exfx.passes.snp_pass import prune
+from exfx.pruning import prune
 from exfx.snp import (
     PruneError,
     PruneWarning,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import exfx
-from benchmarks.third_party import ARCHITECTURES, build
 
 from helpers import assert_enp_invariant
+from models import ARCHITECTURES, build
 
 #: name -> the module-name fragments ENP sites sit in (every site in one of them), or the reason no ReLU is a site
 EXPECTED_SITES: dict[str, tuple[str, ...] | str] = {
@@ -39,7 +39,12 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+#: The third-party models are captured by Dynamo (3-6 s each); the local ones stay in the default run.
+CASES = [name if package == "torch" else pytest.param(name, marks=pytest.mark.slow)
+         for name, (package, _) in ARCHITECTURES.items()]
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_architecture(name):
     if not _available(name):
         pytest.skip(f"{ARCHITECTURES[name][0]} is not installed")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +36,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from exfx.analysis.axes import AxisGroups, build_axis_graph
+from exfx.analysis.opsets import describe_node
 from exfx.analysis.shapes import rank_of, shape_of
-from exfx.meta import axis_groups, producer_name
+from exfx.meta import HeadMatch, axis_groups, producer_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,38 +48,6 @@ __all__ = ["HeadMatch", "match_head", "head_input_rms"]
 _ORDER_KEEPING_METHODS = ("contiguous", "clone", "float", "softmax", "log_softmax", "view", "reshape", "argmax")
 _ORDER_KEEPING_FUNCTIONS = (torch.clone, torch.softmax, torch.log_softmax, F.softmax, F.log_softmax,
                             torch.reshape, torch.argmax)
-
-
-@dataclass(frozen=True)
-class HeadMatch:
-    """What the head analysis decided: the typed contract between it and the dominance rewrite.
-
-    Attributes:
-        name: the head's name (the dotted name of its weight's module or parameter), or ``"-"``.
-        eligible: the rewrite may apply.
-        reason: why not, when not eligible (one line), else empty.
-        linear: the head's ``F.linear`` node name.
-        input: the head's input node name.
-        group: the exchangeable group of the contraction axis, or None.
-        n_units: features along the contraction axis.
-        classes: output features (classes).
-        blocks: units of each concat block along the contraction axis (empty: one population).
-    """
-
-    name: str
-    eligible: bool = False
-    reason: str = ""
-    linear: str = ""
-    input: str = ""
-    group: str | None = None
-    n_units: int = 0
-    classes: int = 0
-    blocks: tuple[int, ...] = ()
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-    return f"`{target}` (node `{node.name}`)"
 
 
 def _class_axis_kept(node: fx.Node, source: fx.Node) -> bool:
@@ -125,7 +93,7 @@ def _find_linear(value: fx.Node) -> tuple[fx.Node | None, str]:
     while not (current.op == "call_function" and current.target is F.linear):
         source = _passes_through(current)
         if source is None:
-            return None, (f"the model output comes from {_describe(current)}, not from a linear head (only "
+            return None, (f"the model output comes from {describe_node(current)}, not from a linear head (only "
                           f"contiguous, clone, float, a softmax, log-softmax or argmax over the class axis, or a "
                           f"reshape keeping it, may follow the head)")
         if len(source.users) != 1:

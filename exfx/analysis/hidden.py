@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
+from exfx.analysis.opsets import describe_node
 from exfx.analysis.shapes import shape_of, tensor_meta
 from exfx.capture.common import relu_hiding_layers
 from exfx.meta import SiteMatch
@@ -83,6 +84,6 @@ def _opaque_module_site(gm: fx.GraphModule, node: fx.Node) -> SiteMatch | None:
     where = ", ".join(f"`{layer}`" for layer in layers if layer)
     count = f"{len(layers)} ReLUs" if len(layers) > 1 else "a ReLU"
     return SiteMatch(name=str(node.target), relu=node.name, kind="linear",
-                     reason=f"module `{node.target}` ({type(module).__name__}) is opaque to torch.fx and hides "
+                     reason=f"{describe_node(node)} is opaque to torch.fx and hides "
                             f"{count}{f' (in {where})' if where else ''}; capture it with capture='dynamo' (no "
                             f"leaf_modules or concrete_args), which sees its layers op by op")

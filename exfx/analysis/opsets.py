@@ -15,9 +15,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from exfx.analysis.shapes import rank_of
+from exfx.meta import producer_name
+
 __all__ = [
     "CANONICAL_CONVS", "is_producer", "producer_kind", "is_relu", "is_capped_relu", "is_site_activation",
-    "activation_ceiling",
+    "activation_ceiling", "is_add", "is_left_matmul", "describe_node",
     "ACTIVATION_FUNCTIONS", "ACTIVATION_METHODS", "ACTIVATION_MODULES", "activation_name",
     "UNARY_FUNCTIONS", "UNARY_METHODS", "UNARY_MODULES", "SOFTMAX_FUNCTIONS", "BINARY_FUNCTIONS", "BINARY_METHODS",
     "ADD_FUNCTIONS", "POOL_FUNCTIONS", "POOL_MODULES", "NORM_MODULES", "REDUCE_FUNCTIONS", "REDUCE_METHODS",
@@ -169,3 +172,59 @@ def is_producer(node: fx.Node) -> bool:
 def producer_kind(node: fx.Node) -> str:
     """``"linear"`` or the conv function's name (``"conv2d"``) of a canonical producer (:func:`is_producer`)."""
     return "linear" if node.target is F.linear else getattr(node.target, "__name__", str(node.target))
+
+
+def is_add(node: fx.Node) -> bool:
+    """A plain two-operand add, ``a + b`` in any spelling (``operator.add``, ``torch.add``, ``.add``), no kwargs."""
+    plain = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "add")
+    return plain and len(node.args) == 2 and not node.kwargs
+
+
+def is_left_matmul(node: fx.Node) -> bool:
+    """``A @ v`` with a left operand of rank 2 or more (a GCN's ``adj @ (x W)``)."""
+    return (node.op == "call_function" and node.target in MATMUL_FUNCTIONS and len(node.args) == 2
+            and isinstance(node.args[0], fx.Node) and (rank_of(node.args[0]) or 0) >= 2)
+
+
+#: What :func:`describe_node` calls a node of these ops, whatever its target.
+_OP_KINDS = {"placeholder": "model input", "get_attr": "stored tensor", "output": "model output"}
+
+
+def describe_node(node: fx.Node) -> str:
+    """How every reason names a node: its name in backquotes, then what it is in parentheses ("`fc1` (linear)").
+
+    The name is the user's where there is one: a model input's, a stored tensor's or a module's dotted name, a
+    linear or conv's module or parameter name (:func:`exfx.meta.producer_name`); else the node's. What it is:
+    ``model input``, ``stored tensor``, ``ReLU module``, ``linear``, ``conv2d``, ``.view()``, ``add``,
+    ``model output``, or ``an item of <the node indexed>`` for ``operator.getitem`` (an output of an opaque call).
+    """
+    return f"`{_node_name(node)}` ({_node_kind(node)})"
+
+
+def _node_name(node: fx.Node) -> str:
+    if node.op in ("placeholder", "get_attr", "call_module"):
+        return str(node.target)
+    return producer_name(node) if is_producer(node) else node.name
+
+
+def _node_kind(node: fx.Node) -> str:
+    if node.op in _OP_KINDS:
+        return _OP_KINDS[node.op]
+    if node.op == "call_module":
+        return _module_kind(node)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node):
+        return f"an item of {describe_node(node.args[0])}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _module_kind(node: fx.Node) -> str:
+    """``ReLU module``: the class of the module a ``call_module`` node calls (``module`` when its graph has none)."""
+    owner = node.graph.owning_module
+    try:
+        module = owner.get_submodule(str(node.target)) if owner is not None else None
+    except AttributeError:
+        module = None
+    return f"{type(module).__name__} module" if module is not None else "module"

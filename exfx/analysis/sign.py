@@ -17,8 +17,8 @@ only where the graph proves it. A value is proven non-negative when it is
 
 Anything else (a linear or conv output, a model input, a stored tensor, a
 subtraction, an op this module does not know) is not proven, and the reason names
-it: ``input `flatten` is not provably non-negative: it comes from the linear `fc1``
-``(through `flatten`)``.
+it (:func:`~exfx.analysis.opsets.describe_node`): ``input `flatten` is not provably non-negative: it comes from
+`fc1` (linear) through `flatten```.
 
 Why it is safe: every rule above is a fact about the op's values (each maps
 non-negative inputs to non-negative outputs, or has a non-negative range), so a
@@ -30,9 +30,9 @@ Example::
     >>> nonnegativity_reason(flatten_node)        # flatten(max_pool2d(relu(conv(x))))
     ''
     >>> exact_availability(x_node, None)           # x = linear(...) + y
-    (False, 'input `add` is not provably non-negative: it comes from the linear `fc1` (through `add`)')
+    (False, 'input `add` is not provably non-negative: it comes from `fc1` (linear) through `add`')
     >>> exact_availability(h_node, adj_node)       # a GCN layer relu(adj @ (h @ W)), h = relu(...)
-    (False, 'the left operand `adj` of the matmul is not provably non-negative: it comes from model input `adj`')
+    (False, 'the left operand `adj` of the matmul is not provably non-negative: it comes from `adj` (model input)')
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from exfx.analysis.opsets import (POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS,
-                                  RESHAPE_METHODS, is_producer, producer_kind)
+                                  RESHAPE_METHODS, describe_node)
 from exfx.analysis.shapes import tensor_meta
-from exfx.meta import producer_name
 
 logger = logging.getLogger(__name__)
 
@@ -162,22 +161,6 @@ def _operands(node: fx.Node) -> list[fx.Node] | None:
     return None
 
 
-def _describe(node: fx.Node) -> str:
-    if is_producer(node):
-        return f"the {producer_kind(node)} `{producer_name(node)}`"
-    if node.op == "placeholder":
-        return f"model input `{node.target}`"
-    if node.op == "get_attr":
-        return f"stored tensor `{node.target}`"
-    if node.op == "call_module":
-        return f"module `{node.target}` ({type(_module(node)).__name__})"
-    if node.op == "call_method":
-        return f"`.{node.target}()`"
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):  # an output of an opaque call
-        return f"an output of {_describe(node.args[0])}"
-    return f"`{getattr(node.target, '__name__', str(node.target))}`"
-
-
 def _short(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"`{node.target}`"
@@ -217,9 +200,9 @@ def nonnegativity_reason(node: Any, subject: str = "") -> str:
     if found is None:
         return ""
     culprit, path = found
-    through = f" (through {', '.join(dict.fromkeys(path))})" if path else ""
+    through = f" through {', '.join(dict.fromkeys(path))}" if path else ""
     return (f"{subject or f'input `{node.name}`'} is not provably non-negative: it comes from "
-            f"{_describe(culprit)}{through}")
+            f"{describe_node(culprit)}{through}")
 
 
 def exact_availability(x: Any, left: Any = None) -> tuple[bool, str]:

@@ -23,7 +23,8 @@ model yourself and passing the GraphModule.
 
 The stages: :mod:`.common` (trace lock, eval-mode check, input normalisation),
 :mod:`.symbolic` (symbolic tracing) and :mod:`.dynamo` (the Dynamo fallback); this
-package's :func:`capture` picks one.
+package's :func:`capture` picks one. :mod:`.options` holds :class:`CaptureOptions`, the
+one bundle of capture options the API, the tuners and the ``torch.compile`` backend pass on.
 """
 
 from __future__ import annotations
@@ -39,16 +40,15 @@ import torch.fx as fx
 from exfx.capture.common import (TRACE_LOCK, check_eval_mode, mha_fastpath_disabled, normalise_inputs,
                                  relu_hiding_layers)
 from exfx.capture.dynamo import dynamo_capture, recover_parameters
+from exfx.capture.options import CAPTURE_METHODS, CaptureOptions
 from exfx.capture.symbolic import symbolic_capture
 from exfx.errors import CaptureError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["capture", "check_eval_mode", "normalise_inputs", "dynamo_capture", "recover_parameters",
-           "symbolic_capture", "TRACE_LOCK", "CAPTURE_METHODS", "mha_fastpath_disabled", "relu_hiding_layers"]
-
-
-CAPTURE_METHODS = ("auto", "fx", "dynamo")
+           "symbolic_capture", "TRACE_LOCK", "CAPTURE_METHODS", "CaptureOptions", "mha_fastpath_disabled",
+           "relu_hiding_layers"]
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_modules: Sequence[str] = (),

@@ -21,7 +21,8 @@ import torch
 
 from exfx.errors import TrainingModeError, UnsupportedModelError
 
-__all__ = ["TRACE_LOCK", "check_eval_mode", "mha_fastpath_disabled", "normalise_inputs", "relu_hiding_layers"]
+__all__ = ["TRACE_LOCK", "check_eval_mode", "mha_fastpath_disabled", "normalise_inputs", "relu_hiding_layers",
+           "run_failure_message", "failing_module", "eager_failure"]
 
 
 # Containers have no behaviour of their own, so their training flag cannot matter; torch.fx creates plain
@@ -105,3 +106,43 @@ def normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
         return tuple(example_inputs)
     raise UnsupportedModelError(f"example_inputs must be a tensor or a tuple of positional inputs, "
                                 f"got {type(example_inputs).__name__}")
+
+
+def run_failure_message(where: str | None, err: BaseException) -> str:
+    """One line for a model that fails on its example inputs: where, its own error's first line, what to check.
+
+    ``where`` names the module or op, e.g. ```fc1` (Linear)``; ``None`` when not known.
+    """
+    lines = str(err).strip().splitlines()
+    cause = lines[0].strip() if lines else type(err).__name__
+    if len(cause) > 200:
+        cause = cause[:197] + "..."
+    at = f" at {where}" if where else ""
+    return (f"running the model on example_inputs failed{at}: {cause}; "
+            f"check that example_inputs are what forward() expects")
+
+
+def failing_module(model: torch.nn.Module, err: BaseException) -> str | None:
+    """```fc1` (Linear)``: the innermost submodule of ``model`` whose code ``err``'s traceback passes through."""
+    names = {id(module): name for name, module in model.named_modules()}
+    where = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            name = names[id(owner)]
+            where = f"`{name}` ({type(owner).__name__})" if name else f"the model's forward ({type(owner).__name__})"
+        tb = tb.tb_next
+    return where
+
+
+def eager_failure(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> UnsupportedModelError | None:
+    """The exfx error for ``model`` failing to run on ``example_inputs`` eagerly (``no_grad``), or None if it runs."""
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as err:  # noqa: BLE001 - whatever the model raised is the user's error, reported in one line
+        failure = UnsupportedModelError(run_failure_message(failing_module(model, err), err))
+        failure.__cause__ = err
+        return failure
+    return None

@@ -25,7 +25,9 @@ holds the example's value. When the batch size could not stay symbolic (an
 example batch of 1, or code that branches on ``x.shape[0]``), the compiled
 module refuses other sizes with a message that says why, instead of running a
 graph traced for another size. A graph break (data-dependent control flow) makes
-capture fail with :class:`~exfx.errors.CaptureError`.
+capture fail with :class:`~exfx.errors.CaptureError`; a model that does not run on
+its example inputs even eagerly, with :class:`~exfx.errors.UnsupportedModelError`
+naming the submodule that failed.
 
 Example::
 
@@ -48,7 +50,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from exfx.capture.common import TRACE_LOCK, mha_fastpath_disabled
+from exfx.capture.common import TRACE_LOCK, eager_failure, mha_fastpath_disabled
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
 from exfx.meta import INPUT_SIZES_KEY
 
@@ -311,6 +313,9 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     except ExfxError:
         raise
     except Exception as err:  # Dynamo raises many types; all mean "cannot capture as one graph"
+        failure = eager_failure(model, example_inputs)  # unless the model does not run on these inputs at all
+        if failure is not None:
+            raise failure from failure.__cause__
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(f"Dynamo could not capture the model as one graph: {type(err).__name__}: {message}") from err
     if "gm" not in captured:

@@ -48,6 +48,7 @@ from exfx.capture.common import mha_fastpath_disabled
 from exfx.cost.model import (FLOPS_PER_MULTIPLY_ADD, SiteCost, block_norm_flops, exact_exit_flops, exit_test_flops,
                              op_arguments, site_cost, sparse_input_flops, weight_label)
 from exfx.ops.exact import block_count
+from exfx.ops.native import runs_dense
 from exfx.cost.model import DOMINANCE_TEST_FLOPS, dominance_sample_flops
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,12 @@ def _enp_linear_flops(*args: Any, out_val: tuple[Tensor, Tensor], **kwargs: Any)
     cost = SiteCost(fan_in=a["n_units"], unit_flops=FLOPS_PER_MULTIPLY_ADD * (features // a["n_units"]))
     keep = out_val[1]
     neurons, kept = keep.numel(), int(keep.sum())
+    site = weight_label(a["head"]) or f"enp_linear[{a['head'].shape[0]}x{features}]"
+    if runs_dense(a["x"], a["max_rows"]):  # past the site's crossover the call ran dense: counted as dense
+        _record(site, executed=cost.dense * neurons, dense=cost.dense * neurons, neurons=neurons, pruned=0)
+        return cost.dense * neurons
     flops = (cost.sampled(a["count"], a["rule"]) + exit_test_flops(a["rule"])) * neurons
     flops += cost.completion(a["count"]) * kept
-    site = weight_label(a["head"]) or f"enp_linear[{a['head'].shape[0]}x{features}]"
     _record(site, executed=flops, dense=cost.dense * neurons, neurons=neurons, pruned=neurons - kept)
     return flops
 
@@ -212,7 +216,7 @@ def _sparse_input_linear_flops(*args: Any, out_val: Tensor, **kwargs: Any) -> in
     """``exfx::sparse_input_linear``: every non-zero input entry times every output."""
     a = op_arguments(torch.ops.exfx.sparse_input_linear, args, kwargs)
     x, w_t = a["x"], a["w_t"]
-    nonzero = int((x != 0).sum())
+    nonzero = x.numel() if runs_dense(x, a["max_rows"]) else int((x != 0).sum())  # past the crossover: dense
     flops = sparse_input_flops(nonzero, w_t.shape[1])
     site = weight_label(w_t) or f"sparse_input_linear[{w_t.shape[1]}x{w_t.shape[0]}]"
     neurons = x.numel()

@@ -71,6 +71,7 @@ __all__ = ["THRESHOLD_TEST_FLOPS", "ZTEST_TEST_FLOPS", "MOMENT_FLOPS_PER_TERM", 
            "dominance_sample_flops",
            "SiteCost", "site_cost", "exit_test_flops", "op_arguments", "sparse_input_flops",
            "CACHE_DIR_ENV", "FORCE_LOWERING_ENV", "WIN_MARGIN", "cache_dir", "machine_key", "TimingCache",
+           "time_interleaved",
            "Choice", "LatencyModel", "label_weight", "weight_label"]
 
 #: The convention of ``FlopCounterMode`` for matmuls and convs.
@@ -324,10 +325,15 @@ class LatencyModel:
         cached = self.cache.load() if self.cache is not None else {}
         if all(k in cached for k in keys.values()):
             return {form: cached[k] for form, k in keys.items()}
-        medians = _time_interleaved(candidates, self.repeats)
+        medians = time_interleaved(candidates, self.repeats)
         if self.cache is not None:
             self.cache.put({keys[form]: ms for form, ms in medians.items()})
         return medians
+
+    def time(self, candidates: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        """Median milliseconds per candidate, measured now (never cached): for whole models, whose timings no key
+        describes."""
+        return time_interleaved(candidates, self.repeats)
 
     def choose(self, key: str, candidates: Mapping[str, Callable[[], object]], baseline: str = "dense") -> Choice:
         """The fastest candidate, unless it does not beat ``baseline`` by :attr:`margin` (then ``baseline``)."""
@@ -344,7 +350,7 @@ class LatencyModel:
         return Choice(chosen, tuple((form, timings[form]) for form in candidates))
 
 
-def _time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """One warm-up call each, then ``repeats`` rounds calling every candidate once: median ms per candidate."""
     samples: dict[str, list[float]] = {form: [] for form in candidates}
     with torch.no_grad():

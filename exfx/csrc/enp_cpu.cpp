@@ -21,6 +21,10 @@
 // -ffp-contract=off so that the statistic is not fused into FMAs behind our back.
 //
 // A kept neuron's output is (S + tail) + (b + r), the reference's order; a pruned one is 0.
+//
+// Per-call dispatch: with max_rows >= 0, a call of more than max_rows rows (the crossover the lowering
+// measured at compile time) runs the dense site instead, F.linear(x, weight, bias) + residual, exactly the
+// unpruned computation, and reports every neuron kept.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -338,11 +342,35 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t out_features) {
   return shape;
 }
 
+// The site computed densely: F.linear(x, W, b) (+ residual) (then ReLU), exactly the unpruned site, with every
+// neuron kept. What enp_linear runs for a call of more rows than its measured crossover.
+std::tuple<at::Tensor, at::Tensor> dense_site(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& residual, bool relu) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "exfx::enp_linear: weight is ", weight.sizes(),
+              " but x has ", x.size(-1), " features");
+  at::Tensor pre = at::linear(x, weight, bias);
+  if (residual.has_value()) {
+    pre = pre + *residual;
+  }
+  if (relu) {
+    pre = at::relu(pre);
+  }
+  return {pre, at::ones(pre.sizes(), x.options().dtype(at::kBool))};
+}
+
 std::tuple<at::Tensor, at::Tensor> enp_linear(const at::Tensor& x, const at::Tensor& head, const at::Tensor& tail,
                                               const std::optional<at::Tensor>& bias,
                                               const std::optional<at::Tensor>& residual, int64_t count,
-                                              int64_t n_units, c10::string_view rule, double cutoff, bool relu) {
+                                              int64_t n_units, c10::string_view rule, double cutoff, bool relu,
+                                              const std::optional<at::Tensor>& weight, int64_t max_rows) {
   check_float_cpu(x, "x");
+  if (max_rows >= 0 && x.dim() >= 1 && x.size(-1) > 0 && x.numel() / x.size(-1) > max_rows) {
+    // Per-call dispatch: past the crossover measured at compile time, dense is faster.
+    TORCH_CHECK(weight.has_value(), "exfx::enp_linear: max_rows=", max_rows, " needs the dense weight");
+    check_float_cpu(*weight, "weight");
+    return dense_site(x, *weight, bias, residual, relu);
+  }
   check_float_cpu(head, "head");
   check_float_cpu(tail, "tail");
   TORCH_CHECK(x.dim() >= 1, "exfx::enp_linear: x must have a feature axis");
@@ -424,9 +452,14 @@ std::vector<int64_t> nonzero_units(const float* x, int64_t rows, int64_t feature
   return units;
 }
 
-at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& w_t, const std::optional<at::Tensor>& bias) {
+at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& w_t, const std::optional<at::Tensor>& bias,
+                               int64_t max_rows) {
   check_float_cpu(x, "x");
   check_float_cpu(w_t, "w_t");
+  if (max_rows >= 0 && x.dim() >= 1 && x.size(-1) > 0 && x.numel() / x.size(-1) > max_rows) {
+    // Per-call dispatch: past the crossover measured at compile time, the dense product is faster.
+    return at::linear(x, w_t.t(), bias);
+  }
   TORCH_CHECK(w_t.dim() == 2 && x.dim() >= 1 && x.size(-1) == w_t.size(0), "exfx::sparse_input_linear: x has ",
               x.dim() >= 1 ? x.size(-1) : 0, " features but w_t is ", w_t.sizes(),
               "; pass w_t = weight.T.contiguous() of shape [in, out]");
@@ -493,8 +526,8 @@ at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& w_t, const
 TORCH_LIBRARY_FRAGMENT(exfx, m) {
   m.def(
       "enp_linear(Tensor x, Tensor head, Tensor tail, Tensor? bias, Tensor? residual, int count, int n_units, "
-      "str rule, float cutoff, bool relu=False) -> (Tensor, Tensor)");
-  m.def("sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias) -> Tensor");
+      "str rule, float cutoff, bool relu=False, Tensor? weight=None, int max_rows=-1) -> (Tensor, Tensor)");
+  m.def("sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exfx, CPU, m) {

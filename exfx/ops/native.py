@@ -82,8 +82,9 @@ NO_NATIVE_ENV = "EXFX_NO_NATIVE"
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "enp_cpu.cpp"
 
 _ENP_SCHEMA = ("enp_linear(Tensor x, Tensor head, Tensor tail, Tensor? bias, Tensor? residual, int count, "
-               "int n_units, str rule, float cutoff, bool relu=False) -> (Tensor, Tensor)")
-_SPARSE_SCHEMA = "sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias) -> Tensor"
+               "int n_units, str rule, float cutoff, bool relu=False, Tensor? weight=None, int max_rows=-1) "
+               "-> (Tensor, Tensor)")
+_SPARSE_SCHEMA = "sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1) -> Tensor"
 
 
 class NativeUnavailableWarning(UserWarning):
@@ -156,10 +157,33 @@ def _head_state(x_head: Tensor, head: Tensor, count: int, moments: bool) -> Tens
     return torch.stack([total, square])
 
 
+def rows_of(x: Tensor) -> int:
+    """The rows a linear op runs over: every axis of ``x`` but the last (features)."""
+    return x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] else 0
+
+
+def runs_dense(x: Tensor, max_rows: int) -> bool:
+    """Whether ``enp_linear`` runs a call on ``x`` densely: it has more rows than the site's crossover."""
+    return max_rows >= 0 and rows_of(x) > max_rows
+
+
+def dense_site(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
+               relu: bool) -> tuple[Tensor, Tensor]:
+    """The unpruned site, ``F.linear(x, W, b) + residual`` (then ReLU), with every neuron kept."""
+    pre = F.linear(x, weight, bias)
+    pre = pre if residual is None else pre + residual
+    pre = torch.relu(pre) if relu else pre
+    return pre, torch.ones(pre.shape, dtype=torch.bool, device=pre.device)
+
+
 def _enp_linear_torch(x: Tensor, head: Tensor, tail: Tensor, bias: Tensor | None, residual: Tensor | None,
                       count: int, n_units: int, rule: str, cutoff_value: float,
-                      relu: bool = False) -> tuple[Tensor, Tensor]:
+                      relu: bool = False, weight: Tensor | None = None, max_rows: int = -1) -> tuple[Tensor, Tensor]:
     """The fallback kernel: the op's schema, computed with torch ops; the tail only for rows some sample keeps."""
+    if runs_dense(x, max_rows):
+        if weight is None:
+            raise ExfxError(f"enp_linear: max_rows={max_rows} needs the dense weight")
+        return dense_site(x, weight, bias, residual, relu)
     split = head.shape[1]
     state = _head_state(x[..., :split], head, count, rule == "ztest")
     statistic = exit_statistic(state, head, bias, residual, count, n_units, rule)
@@ -177,8 +201,10 @@ def _enp_linear_torch(x: Tensor, head: Tensor, tail: Tensor, bias: Tensor | None
     return (torch.relu(out) if relu else out), keep
 
 
-def _sparse_input_linear_torch(x: Tensor, w_t: Tensor, bias: Tensor | None) -> Tensor:
-    """The fallback kernel: a matmul over the input units that are non-zero in some row."""
+def _sparse_input_linear_torch(x: Tensor, w_t: Tensor, bias: Tensor | None, max_rows: int = -1) -> Tensor:
+    """The fallback kernel: a matmul over the input units that are non-zero in some row (dense past max_rows)."""
+    if runs_dense(x, max_rows):
+        return F.linear(x, w_t.t(), bias)
     flat = x.reshape(-1, w_t.shape[0])
     units = (flat != 0).any(0).nonzero().squeeze(1)
     out = flat.new_zeros(flat.shape[0], w_t.shape[1]) if bias is None else bias.expand(flat.shape[0], -1).clone()
@@ -255,21 +281,43 @@ def _build() -> None:
 
     name, cflags, ldflags = _build_options()
     start = time.perf_counter()
+    built = _built_library(name)
+    if not built:  # a first build takes seconds: say so, instead of a silent pause
+        logger.warning("exfx: building the native CPU kernels %s (first use on this machine, about 15-30 s; "
+                       "later runs load them from %s)", name, _build_directory(name))
     load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False,
          verbose=False)
-    logger.info("exfx native kernels %s ready in %.1f s", name, time.perf_counter() - start)
+    log = logger.info if built else logger.warning
+    log("exfx: native kernels %s ready in %.1f s", name, time.perf_counter() - start)
+
+
+def _build_directory(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def _built_library(name: str) -> bool:
+    """Whether an earlier run left this extension built, so loading it takes a moment, not a compile.
+
+    (A changed source still rebuilds; this only decides whether to announce the wait.)"""
+    try:
+        return any(_build_directory(name).glob(f"{name}*.so"))
+    except (OSError, RuntimeError):
+        return False
 
 
 def _register_fake() -> None:
     """Shape-only implementations, so graphs holding these ops trace, export and compile."""
 
     @torch.library.register_fake("exfx::enp_linear")
-    def _enp_fake(x, head, tail, bias, residual, count, n_units, rule, cutoff, relu=False):
+    def _enp_fake(x, head, tail, bias, residual, count, n_units, rule, cutoff, relu=False, weight=None,
+                  max_rows=-1):
         shape = (*x.shape[:-1], head.shape[0])
         return x.new_empty(shape), x.new_empty(shape, dtype=torch.bool)
 
     @torch.library.register_fake("exfx::sparse_input_linear")
-    def _sparse_fake(x, w_t, bias):
+    def _sparse_fake(x, w_t, bias, max_rows=-1):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 

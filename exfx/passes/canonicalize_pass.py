@@ -50,7 +50,6 @@ import copy
 import logging
 import math
 import operator
-import re
 from typing import Any
 
 import torch
@@ -58,9 +57,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from exfx.analysis.opsets import CANONICAL_CONVS, is_capped_relu, is_producer, is_relu
+from exfx.analysis.opsets import CANONICAL_CONVS, describe_node, is_capped_relu, is_producer, is_relu
 from exfx.errors import UnsupportedModelError
 from exfx.meta import set_producer_name, set_relu_source
+from exfx.passes.attributes import fresh_attribute, slug
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class CanonicalizePass(PassBase):
                 # shared with the user's model, which must not change.
                 target = self._inplace_modules.get(str(node.target))
                 if target is None:
-                    target = _fresh_attr(gm, _slug(str(node.target)) + "_out_of_place")
+                    target = fresh_attribute(gm, slug(str(node.target), empty="module") + "_out_of_place")
                     twin = copy.copy(module)
                     twin.inplace = False
                     gm.add_submodule(target, twin)
@@ -217,7 +217,7 @@ class CanonicalizePass(PassBase):
         twin = getattr(torch.Tensor, name[:-1], None)
         if name in _NO_TWIN_METHODS or not callable(twin):
             raise UnsupportedModelError(
-                f"in-place method `.{name}()` (node `{node.name}`) has no out-of-place form exfx knows; "
+                f"in-place {describe_node(node)} has no out-of-place form exfx knows; "
                 f"write it out of place in the model's forward")
         node.target = name[:-1]
         self._functionalised(gm, node, node.args[0])
@@ -386,10 +386,6 @@ class CanonicalizePass(PassBase):
         old.graph.erase_node(old)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_") or "module"
-
-
 def _argument(node: fx.Node, position: int, name: str | None, default: Any = None) -> Any:
     if position < len(node.args):
         return node.args[position]
@@ -437,14 +433,6 @@ def _capped_relu_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, float | N
     return source, (None if high is None or math.isinf(high) else float(high)), inplace
 
 
-def _fresh_attr(gm: fx.GraphModule, name: str) -> str:
-    candidate, index = name, 0
-    while hasattr(gm, candidate):
-        index += 1
-        candidate = f"{name}{index}"
-    return candidate
-
-
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
@@ -477,17 +465,9 @@ def _check_no_live_alias(inplace: fx.Node, mutated: fx.Node) -> None:
         later = [u for u in alias.users if order[u] > here]
         if later:
             raise UnsupportedModelError(
-                f"in-place `{inplace.name}` ({_describe(inplace)}) writes into `{mutated.name}`, which shares "
+                f"in-place {describe_node(inplace)} writes into `{mutated.name}`, which shares "
                 f"memory with `{alias.name}`, read later by `{later[0].name}`; exfx cannot make that mutation "
                 f"out of place. Write it out of place in the model's forward.")
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_module":
-        return f"module `{node.target}`"
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def _param_name(node: Any) -> str | None:

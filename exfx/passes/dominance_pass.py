@@ -8,7 +8,7 @@ and :class:`~exfx.config.DominanceParams` ``(samples=(k1, k2, ...), alpha, alway
     logits        = pair[0]                       # pair[1]: the tested counts the FLOP formula reads
 
 and drops the original linear. ``order`` puts the ``f`` always-sampled units first, then the others in sample
-order (every prefix samples the concat blocks in proportion, :func:`exfx.passes.enp_pass.sample_order`). The
+order (every prefix samples the concat blocks in proportion, :func:`exfx.passes.operands.sample_order`). The
 weight is split once, here, into buffers named after the head (``exfx_<site>_dominance_head`` and friends; see
 :mod:`exfx.ops.dominance` for their layout), so at batch 1 the first test reads ``f + k1`` contiguous weight rows
 and later checkpoints and the completion gather only the kept classes' rows.
@@ -29,30 +29,22 @@ from __future__ import annotations
 
 import logging
 import operator
-import re
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from exfx.analysis.axes import AxisGroups
-from exfx.analysis.heads import HeadMatch, match_head
 from exfx.config import DominanceParams
-from exfx.errors import PlanError, UnsupportedModelError
-from exfx.meta import set_rewrite_role
-from exfx.passes.attributes import owner_of, register_constant
-from exfx.passes.enp_pass import sample_order
+from exfx.meta import HeadDecision, head_decision, set_rewrite_role
+from exfx.passes.attributes import owner_of, register_constant, slug
+from exfx.passes.operands import sample_order
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DominancePass", "outlier_units", "unit_order"]
 
 _OPS = torch.ops.exfx
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_") or "head"
 
 
 def unit_order(n_units: int, always_sampled: tuple[int, ...] = (), blocks: tuple[int, ...] = ()) -> list[int]:
@@ -83,92 +75,63 @@ def outlier_units(rms: torch.Tensor, factor: float = 6.0, limit: int | None = No
     return tuple(chosen[:limit] if limit is not None else chosen)
 
 
-def _check_params(head: HeadMatch, params: DominanceParams) -> None:
-    """Raise, naming the field, when the parameters do not fit the head."""
-    outside = [u for u in params.always_sampled if u >= head.n_units]
-    if outside:
-        raise PlanError(f"dominance.always_sampled names units {outside} but head {head.name!r} has "
-                        f"{head.n_units} input units (0..{head.n_units - 1})")
-    population = head.n_units - len(params.always_sampled)
-    if params.samples[-1] > population:
-        raise PlanError(f"dominance.samples {params.samples} exceed the {population} units head {head.name!r} can "
-                        f"sample ({head.n_units} inputs, {len(params.always_sampled)} always sampled); use at most "
-                        f"{population}")
-
-
 class DominancePass(PassBase):
-    """Rewrite the model's head for dominance prediction (see module docstring).
+    """Rewrite the head whose :class:`~exfx.meta.HeadDecision` the annotate step wrote (see module docstring).
 
-    Args:
-        params: the samples, alpha and always-sampled units.
-        groups: the exchangeable groups of the analysed graph (:attr:`exfx.Analysis.groups`), for the head check.
-
-    After ``call``, ``self.head`` holds the :class:`~exfx.analysis.heads.HeadMatch` of the rewritten head.
-
-    Raises:
-        exfx.UnsupportedModelError: the model has no head dominance prediction may rewrite (the message says why).
-        exfx.PlanError: the parameters do not fit the head (the message names the field).
+    The head analysis, and the check that the parameters fit the head, ran when the decision was made
+    (:func:`exfx.passes.annotate_pass.decide_head`); with no decision on the graph the pass does nothing.
     """
 
-    def __init__(self, params: DominanceParams, groups: AxisGroups) -> None:
-        super().__init__()
-        if not isinstance(params, DominanceParams):
-            raise TypeError(f"dominance must be an exfx.DominanceParams, got {type(params).__name__}")
-        self.params = params
-        self.groups = groups
-        self.head: HeadMatch | None = None
-
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        head = match_head(graph_module, self.groups)
-        if not head.eligible:
-            raise UnsupportedModelError(f"dominance prediction: head {head.name!r} cannot be rewritten: "
-                                        f"{head.reason}")
-        _check_params(head, self.params)
-        self.head = head
-        self._rewrite(graph_module, head)
-        graph_module.graph.eliminate_dead_code()
-        graph_module.graph.lint()
-        graph_module.recompile()
-        return PassResult(graph_module, True)
+        decided = [(node, record) for node in graph_module.graph.nodes if (record := head_decision(node)) is not None]
+        for node, record in decided:
+            self._rewrite(graph_module, node, record)
+        if decided:
+            graph_module.graph.eliminate_dead_code()
+            graph_module.recompile()
+        return PassResult(graph_module, bool(decided))
 
-    def _split_weight(self, gm: fx.GraphModule, weight: fx.Node, order: list[int],
-                      slug: str) -> tuple[str, str, str]:
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()
+
+    @staticmethod
+    def _split_weight(gm: fx.GraphModule, params: DominanceParams, weight: fx.Node, order: list[int],
+                      prefix: str) -> tuple[str, str, str]:
         """Store the head weight in sample order, split as :mod:`exfx.ops.dominance` reads it; the buffer names."""
         value = getattr(*owner_of(gm, str(weight.target))).detach()
         permuted = value.index_select(1, torch.tensor(order, dtype=torch.long, device=value.device))
-        exact, first = len(self.params.always_sampled), self.params.samples[0]
+        exact, first = len(params.always_sampled), params.samples[0]
         head = permuted[:, :exact + first].t().contiguous()
-        if self.params.variance == "pooled":  # each class's mean squared weight over the sampled population
+        if params.variance == "pooled":  # each class's mean squared weight over the sampled population
             squares = (permuted[:, exact:] ** 2).mean(1).contiguous()
         else:
             squares = (head[exact:] ** 2).contiguous()
         rest = permuted[:, exact + first:].contiguous()
-        return (register_constant(gm, f"exfx_{slug}_dominance_head", head),
-                register_constant(gm, f"exfx_{slug}_dominance_squares", squares),
-                register_constant(gm, f"exfx_{slug}_dominance_rest", rest))
+        return (register_constant(gm, f"exfx_{prefix}_dominance_head", head),
+                register_constant(gm, f"exfx_{prefix}_dominance_squares", squares),
+                register_constant(gm, f"exfx_{prefix}_dominance_rest", rest))
 
-    def _rewrite(self, gm: fx.GraphModule, head: HeadMatch) -> None:
-        graph = gm.graph
-        linear = next(n for n in graph.nodes if n.name == head.linear)
+    def _rewrite(self, gm: fx.GraphModule, linear: fx.Node, decision: HeadDecision) -> None:
+        graph, head, params = gm.graph, decision.head, decision.params
         x, weight = linear.args[0], linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         assert isinstance(x, fx.Node) and isinstance(weight, fx.Node)
-        params, slug = self.params, _slug(head.name)
+        prefix = slug(head.name, "head")
         order = unit_order(head.n_units, params.always_sampled, head.blocks)
         exact = len(params.always_sampled)
 
         def make(op: str, target: Any, args: tuple[Any, ...], role: str) -> fx.Node:
-            node = graph.create_node(op, target, args, name=f"{slug}_{role}")
+            node = graph.create_node(op, target, args, name=f"{prefix}_{role}")
             set_rewrite_role(node, head.name, role)
             return node
 
         with graph.inserting_before(linear):
-            names = self._split_weight(gm, weight, order, slug)
+            names = self._split_weight(gm, params, weight, order, prefix)
             head_w, squares, rest = (make("get_attr", name, (), role) for name, role in
                                      zip(names, ("dominance_head", "dominance_squares", "dominance_rest")))
             if order != list(range(head.n_units)):
                 index = torch.tensor(order, dtype=torch.long, device=getattr(*owner_of(gm, names[0])).device)
-                order_node = make("get_attr", register_constant(gm, f"exfx_{slug}_dominance_order", index), (),
+                order_node = make("get_attr", register_constant(gm, f"exfx_{prefix}_dominance_order", index), (),
                                   "dominance_order")
                 x = make("call_function", torch.index_select, (x, -1, order_node), "dominance_input")
             pair = make("call_function", _OPS.dominance_linear.default,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Collection
 
 import torch.fx as fx
@@ -66,12 +65,8 @@ class ExchangeabilityPass(PassBase):
     :class:`~exfx.analysis.axes.AxisGroups`.
     """
 
-    def __init__(self, hidden_inputs: Collection[str] = (), samples: int | None = None) -> None:
+    def __init__(self, hidden_inputs: Collection[str] = ()) -> None:
         super().__init__()
-        if samples is not None:
-            warnings.warn("ExchangeabilityPass(samples=...) is deprecated and ignored: whether a site's fan-in fits "
-                          "its schedule is decided per plan, by exfx.Analysis.explain / compile", DeprecationWarning,
-                          stacklevel=2)
         self.hidden_inputs = frozenset(hidden_inputs)
         self.sites: list[SiteMatch] = []
         self.groups = AxisGroups({}, {}, {})

@@ -36,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from exfx.analysis.opsets import is_producer
 from exfx.meta import producer_name
-from exfx.passes.attributes import free_bias_target, owner_of
+from exfx.passes.attributes import free_bias_target, replace_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,15 @@ class FoldBatchNormPass(PassBase):
         new_weight = (weight.double() * scale.reshape(view)).to(weight.dtype)
         old_bias = operator.attrgetter(str(bias_node.target))(gm).double() if bias_node is not None else 0.0
         new_bias = (old_bias * scale + shift).to(weight.dtype)
-        _assign(gm, str(weight_node.target), new_weight)
+        replace_tensor(gm, str(weight_node.target), new_weight)
         if bias_node is None:
             bias_target = free_bias_target(gm, str(weight_node.target), "_folded_bias")
-            _assign(gm, bias_target, new_bias)
+            replace_tensor(gm, bias_target, new_bias)
             with gm.graph.inserting_before(producer):
                 bias_node = gm.graph.get_attr(bias_target)
             producer.args = (producer.args[0], weight_node, bias_node)
         else:
-            _assign(gm, str(bias_node.target), new_bias)
+            replace_tensor(gm, str(bias_node.target), new_bias)
         bn.replace_all_uses_with(producer)
         gm.graph.erase_node(bn)
         logger.debug("folded %s into %s", bn.name, producer_name(producer))
@@ -150,14 +150,3 @@ def _batchnorm_stats(gm: fx.GraphModule, node: fx.Node) -> _BatchNormStats | Non
         return _BatchNormStats(tensors["running_mean"], tensors["running_var"], tensors["weight"],
                                tensors["bias"], float(values["eps"]))
     return None
-
-
-def _assign(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace (or create) a parameter or buffer of exfx's private copy of the model."""
-    owner, leaf = owner_of(gm, target)
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    elif leaf in owner._parameters or not hasattr(owner, leaf):
-        owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        setattr(owner, leaf, value)

@@ -1,30 +1,23 @@
-"""Lowering: run each ENP site in the fastest correct form measured on this machine (``lowering="native"``).
+"""Lowering: run each site the annotate step marked ``native`` in the fastest correct form measured here.
 
-Runs after :class:`~exfx.passes.enp_pass.EnpPass` on the compiled graph. The
-reference chain of a linear site with one checkpoint::
-
-    s    = exfx.partial_sum(x, W, None, None, 0, k, n, ...)
-    keep = exfx.early_exit(s, W, b, res, None, k, n, rule, param)
-    pre  = exfx.complete(x, W, s, b, res, keep, k, n, ...)
-    out  = relu(pre)
-
-becomes whichever of these :class:`~exfx.cost.model.LatencyModel` measures
-faster at the site's shapes, compile-time batch and keep ratio (dense unless the
-native kernel wins by :data:`~exfx.cost.model.WIN_MARGIN`)::
+Runs after :class:`~exfx.passes.enp_pass.EnpPass` on the compiled graph (``lowering="native"``), and reads only
+the records on it: each site's :class:`~exfx.meta.SiteDecision` (its parameters and lowering intent) and the
+analysis's :class:`~exfx.meta.SiteMatch` (its producer, input and residuals). For a site whose intent is
+``native``, it prepares the sum's operands as the ENP rewrite would (:func:`~exfx.passes.operands.site_operands`),
+then replaces ``relu(producer(x, W, b) + res)`` by whichever of these
+:class:`~exfx.cost.model.LatencyModel` measures faster at the site's shapes, compile-time batch and keep ratio
+(dense unless the native kernel wins by :data:`~exfx.cost.model.WIN_MARGIN`)::
 
     out = exfx.enp_linear(x, head, tail, b, res, k, n, rule, cutoff(rule, param), relu=True)[0]   # native
     out = relu(F.linear(x, W, b) + res)                                                        # dense
 
 ``head`` / ``tail`` are ``W`` relaid once, here, into buffers named after the
-site (``exfx_<site>_head``). Then every ``F.linear(out, W2, b2)`` consumer that
-reads the site's output directly becomes ``exfx.sparse_input_linear(out, W2.T,
-b2)`` where that measures faster. Sites the native kernel cannot run (convs,
-multi-checkpoint schedules, the GCN form) are never handed to the ENP rewrite in
-native mode (see :func:`native_blocker`), so they stay as the analysed graph had
-them: producer + ReLU, plain dense. A site under the exact rule is the exception: no native
-kernel runs its test, and it stays on the reference ops, with
-:data:`EXACT_LOWERING_REASON` recorded. Otherwise the masked reference ops never survive
-in native mode, because they are always slower than dense.
+site (``exfx_<site>_head``). The keep ratio priced is the one calibration measured
+(the decision's ``keep``), else the one the example inputs give. Then every
+``F.linear(out, W2, b2)`` consumer that reads the site's output directly becomes
+``exfx.sparse_input_linear(out, W2.T, b2)`` where that measures faster. Sites the
+decision leaves ``dense`` (convs, multi-checkpoint schedules, the GCN form) and
+those it keeps on the reference ops (the exact rule) are recorded, not changed.
 
 Why it is exact:
 
@@ -32,7 +25,7 @@ Why it is exact:
   operations and the same cutoff as ``early_exit`` (see :mod:`exfx.ops.native`),
   so its keep mask is the reference's; a kept neuron is ``S_k + rest + b + res``,
   the reference's value up to summation order; a pruned one is exactly 0, as the
-  reference's ``complete`` makes it; ``relu=True`` applies the ReLU the chain had.
+  reference's ``complete`` makes it; ``relu=True`` applies the ReLU the site had.
   At a capped-ReLU site (ReLU6: ``clamp(pre, 0.0, t)``) the clamp node stays after
   the kernel and keeps the upper bound.
 - the dense form is the original pre-activation (the residual operands joined
@@ -41,23 +34,22 @@ Why it is exact:
   contributes exactly 0 to every output (finite weights), so the result is
   ``F.linear`` up to summation order.
 
-Choices are recorded per site in a frozen :class:`~exfx.meta.Lowering` on the
-node that now produces the site's output (and on each consumer), and returned in
-:attr:`LowerPass.sites` / :attr:`LowerPass.consumers`. ``graph.lint()`` runs
-after the rewrite.
+What was chosen is written in a frozen :class:`~exfx.meta.Lowering` on the node
+that now produces the site's output (and on each consumer): the report reads
+those records (:func:`exfx.report.lowering_rows`). ``graph.lint()`` runs after the
+rewrite.
 
 Example::
 
     >>> gm = analysis.compile(plan, lowering="native")            # what the API does
-    >>> LowerPass(example_inputs, latency=LatencyModel(force="native"))(reference_graph_module)
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -69,90 +61,39 @@ from torch import Tensor
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from exfx.analysis.opsets import activation_ceiling
-from exfx.config import Plan, SiteParams
+from exfx.config import SiteParams
 from exfx.cost.flops import register_native_flop_formulas
-from exfx.cost.model import LatencyModel, label_weight, op_arguments
+from exfx.cost.model import LatencyModel, label_weight
 from exfx.errors import UnsupportedModelError
-from exfx.meta import Lowering, SiteMatch, producer_name, rewrite_role, set_lowering, set_rewrite_role, site_match
+from exfx.meta import (Lowering, SiteDecision, SiteMatch, lowering, producer_name, set_lowering, set_rewrite_role,
+                       site_decision, site_match)
 from exfx.ops import native
 from exfx.ops.enp import cutoff, exit_statistic
-from exfx.passes.attributes import register_constant
+from exfx.passes.attributes import register_constant, slug
+from exfx.passes.enp_pass import require_annotated
+from exfx.passes.operands import SiteOperands, site_operands
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LowerPass", "native_blocker", "LOWERINGS", "EXACT_LOWERING_REASON", "check_lowering", "planned_keep",
-           "lowering_rows"]
-
-#: The values of ``compile(..., lowering=...)``.
-LOWERINGS = ("reference", "native")
-#: Why a site under the exact rule keeps its reference ops in native mode.
-EXACT_LOWERING_REASON = ("the exact rule has no native kernel yet: kept on the reference ops (masked dense "
-                         "compute, slower than dense; its FLOPs are what the masks save)")
+__all__ = ["LowerPass"]
 
 _OPS = torch.ops.exfx
 
 
-def native_blocker(match: SiteMatch, params: SiteParams) -> str:
-    """Why no native kernel can run this site under ``params`` (one line), or ``""`` when one can."""
-    if match.kind != "linear":
-        return f"{match.kind} sites have no native kernel yet"
-    if match.left:
-        return "GCN left-matmul sites have no native kernel yet"
-    if len(params.samples) > 1:
-        return (f"the native kernel tests once; this schedule has {len(params.samples)} checkpoints "
-                f"{params.samples}")
-    return ""
-
-
-def check_lowering(lowering: str) -> None:
-    """Raise ``ValueError`` unless ``lowering`` is one of :data:`LOWERINGS`."""
-    if lowering not in LOWERINGS:
-        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
-
-
-def planned_keep(plan: Plan | None) -> dict[str, float]:
-    """Per-site keep ratios a calibrated plan records in ``meta["calibration"]["keep"]`` (else none)."""
-    if plan is None:
-        return {}
-    calibration = plan.meta.get("calibration")
-    keep = calibration.get("keep") if isinstance(calibration, Mapping) else None
-    if not isinstance(keep, Mapping):
-        return {}
-    return {str(name): float(ratio) for name, ratio in keep.items() if isinstance(ratio, (int, float))}
-
-
-def lowering_rows(lower: LowerPass) -> dict[str, tuple[str, str]]:
-    """The report's ``(lowering, reason)`` per site, each consumer's choice appended to its input site's."""
-    rows = {name: [record.form, record.reason] for name, record in lower.sites.items()}
-    for name, record in lower.consumers.items():
-        if record.input_site in rows:
-            rows[record.input_site][1] += f"; consumer {name}: {record.describe()}"
-    return {name: (form, reason) for name, (form, reason) in rows.items()}
-
-
 @dataclass
-class _Chain:
-    """One reference chain ``partial_sum -> early_exit -> complete -> relu`` of the ENP rewrite."""
+class _Site:
+    """One site the lowering handles: its nodes, records and (for the native intent) prepared operands."""
 
-    site: str
     relu: fx.Node
-    complete: fx.Node
-    early_exit: fx.Node
-    partial_sum: fx.Node
-    x: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-    residual: fx.Node | None
-    count: int
-    n_units: int
-    rule: str
-    param: float
-    blocker: str
+    match: SiteMatch
+    decision: SiteDecision
+    operands: SiteOperands | None
     consumers: tuple[fx.Node, ...]
 
-
-def _slug(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_") or "site"
+    @property
+    def params(self) -> SiteParams:
+        assert self.decision.params is not None  # the site is eligible: validated by the annotate step
+        return self.decision.params
 
 
 def _linear_operands(node: fx.Node) -> tuple[Any, Any, Any]:
@@ -166,54 +107,23 @@ def _is_linear_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.linear
 
 
-def _chain_blocker(match: SiteMatch | None, state: Any, x: Any) -> str:
-    if match is None:
-        return "the ReLU after this chain carries no analysis record"
-    if match.kind != "linear":
-        return f"{match.kind} sites have no native kernel yet"
-    if state is not None:
-        return "the native kernel tests once; this site has several checkpoints"
-    role = rewrite_role(x) if isinstance(x, fx.Node) else None
-    if role is not None and role.role == "left_matmul":
-        return "GCN left-matmul sites have no native kernel yet"
-    return ""
+def _consumers(relu: fx.Node, rewritten: set[str]) -> tuple[fx.Node, ...]:
+    """The ``F.linear`` calls that read the site's output directly, as their input, and that are not themselves
+    the producer of a site rewritten into another form (``rewritten``: producer node names)."""
+    return tuple(u for u in relu.users
+                 if _is_linear_call(u) and _linear_operands(u)[0] is relu and u.name not in rewritten)
 
 
-def _find_chains(graph: fx.Graph) -> list[_Chain]:
-    """Every reference chain, in graph order."""
-    chains = []
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target is not _OPS.complete.default:
-            continue
-        done = op_arguments(_OPS.complete, node.args, node.kwargs)
-        exit_node, sum_node = done["active"], done["state"]
-        exact = exit_node.target is _OPS.exact_exit.default
-        exit_args = op_arguments(exit_node.target, exit_node.args, exit_node.kwargs)
-        if exact:  # the exact rule's test: no native kernel; the chain stays on the reference ops
-            exit_args.update(rule="exact", param=0.0)
-        sum_args = op_arguments(_OPS.partial_sum, sum_node.args, sum_node.kwargs)
-        users = list(node.users)
-        relu = users[0] if len(users) == 1 and site_match(users[0]) is not None else None
-        if relu is None:
-            logger.debug("lowering: %s feeds %s, not one analysed ReLU; left as is", node.name, users)
-            continue
-        match = site_match(relu)
-        consumers = tuple(u for u in relu.users if _is_linear_call(u) and _linear_operands(u)[0] is relu)
-        chains.append(_Chain(
-            site=str(done["site"]), relu=relu, complete=node, early_exit=exit_node, partial_sum=sum_node,
-            x=done["x"], weight=done["weight"], bias=done["bias"], residual=done["residual"],
-            count=int(exit_args["count"]), n_units=int(done["n_units"]), rule=str(exit_args["rule"]),
-            param=float(exit_args["param"]),
-            blocker=EXACT_LOWERING_REASON if exact else _chain_blocker(
-                match, sum_args["state"] if sum_args["state"] is not None else exit_args["active"], done["x"]),
-            consumers=consumers))
-    return chains
-
-
-def _refreshed(chain: _Chain) -> _Chain:
-    """``chain`` with its operand nodes read again from its ``complete`` node (the graph as it is now)."""
-    done = op_arguments(_OPS.complete, chain.complete.args, chain.complete.kwargs)
-    return replace(chain, x=done["x"], weight=done["weight"], bias=done["bias"], residual=done["residual"])
+def _sites(graph: fx.Graph) -> list[_Site]:
+    """The eligible sites of ``graph`` in graph order, the native ones with their operands prepared."""
+    nodes = {n.name: n for n in graph.nodes}
+    found = [(node, match, decision) for node in list(graph.nodes)
+             if (decision := site_decision(node)) is not None and decision.eligible
+             and (match := site_match(node)) is not None]
+    rewritten = {match.producer for _, match, decision in found if decision.lowering != "dense"}
+    return [_Site(node, match, decision,
+                  site_operands(graph, match, nodes) if decision.lowering == "native" else None,
+                  _consumers(node, rewritten)) for node, match, decision in found]
 
 
 class _Capture(fx.Interpreter):
@@ -231,12 +141,15 @@ class _Capture(fx.Interpreter):
         return out
 
 
-def _capture(gm: fx.GraphModule, inputs: Sequence[Any], chains: Sequence[_Chain]) -> dict[fx.Node, Any]:
+def _capture(gm: fx.GraphModule, inputs: Sequence[Any], sites: Sequence[_Site]) -> dict[fx.Node, Any]:
     wanted: set[fx.Node] = set()
-    for chain in chains:
-        wanted.update(n for n in (chain.x, chain.weight, chain.bias, chain.residual, chain.early_exit, chain.relu)
-                      if isinstance(n, fx.Node))
-        for consumer in chain.consumers:
+    for site in sites:
+        wanted.add(site.relu)
+        if site.operands is not None:
+            operands = site.operands
+            wanted.update(n for n in (operands.x, operands.weight, operands.bias, operands.residual)
+                          if isinstance(n, fx.Node))
+        for consumer in site.consumers:
             wanted.update(n for n in _linear_operands(consumer)[1:] if isinstance(n, fx.Node))
     recorder = _Capture(gm, wanted)
     try:
@@ -255,17 +168,110 @@ def _native_ok(*tensors: Tensor | None) -> str:
                                    f"{bad.device}")
 
 
-def _timing_cutoff(chain: _Chain, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
-                   keep: float) -> float:
-    """A cutoff that keeps a fraction ``keep`` of the neurons on ``x`` (to time the kernel at a planned ratio)."""
-    with torch.no_grad():
-        state = _OPS.partial_sum(x, weight, None, None, 0, chain.count, chain.n_units, [], [], [], 1,
-                                 chain.rule == "ztest", chain.site)
-        statistic = exit_statistic(state, weight, bias, residual, chain.count, chain.n_units, chain.rule).flatten()
-    finite = statistic[torch.isfinite(statistic)].double()
-    if finite.numel() == 0 or keep >= 1.0:
-        return -math.inf
-    return float(torch.quantile(finite[: 1 << 24], min(max(1.0 - keep, 0.0), 1.0)))
+@dataclass
+class _Values:
+    """A native-intent site's operands and parameters, evaluated on the example inputs."""
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    residual: Tensor | None
+    count: int
+    n_units: int
+    fan_in: int
+    rule: str
+    param: float
+    name: str
+
+    def statistic(self) -> Tensor:
+        """The early-exit statistic of every neuron (what the rule compares with its cutoff)."""
+        with torch.no_grad():
+            state = _OPS.partial_sum(self.x, self.weight, None, None, 0, self.count, self.n_units, [], [], [], 1,
+                                     self.rule == "ztest", self.name)
+            return exit_statistic(state, self.weight, self.bias, self.residual, self.count, self.n_units, self.rule)
+
+    def measured_keep(self) -> float:
+        """The share of neurons the reference ``early_exit`` keeps on the example inputs."""
+        with torch.no_grad():
+            state = _OPS.partial_sum(self.x, self.weight, None, None, 0, self.count, self.n_units, [], [], [], 1,
+                                     self.rule == "ztest", self.name)
+            active = _OPS.early_exit(state, self.weight, self.bias, self.residual, None, self.count, self.fan_in,
+                                     self.rule, self.param, self.name)
+        return float(active.float().mean())
+
+    def cutoff_keeping(self, keep: float) -> float:
+        """A cutoff that keeps a fraction ``keep`` of the neurons (to time the kernel at a planned ratio)."""
+        finite = self.statistic().flatten()
+        finite = finite[torch.isfinite(finite)].double()
+        if finite.numel() == 0 or keep >= 1.0:
+            return -math.inf
+        return float(torch.quantile(finite[: 1 << 24], min(max(1.0 - keep, 0.0), 1.0)))
+
+
+def _site_values(site: _Site, values: Mapping[fx.Node, Any]) -> _Values:
+    operands = site.operands
+    assert operands is not None
+    params = site.params
+    return _Values(values[operands.x], values[operands.weight], values.get(operands.bias),
+                   values.get(operands.residual), params.samples[0], site.match.n_units, site.match.fan_in or 0,
+                   params.rule, params.param, site.match.name)
+
+
+def _refreshed(operands: SiteOperands, replaced: Mapping[fx.Node, fx.Node]) -> SiteOperands:
+    """``operands`` with every node an earlier rewrite erased replaced by the node that took its place."""
+    return replace(operands, **{name: replaced.get(value, value) for name in ("x", "weight", "bias", "residual")
+                                if isinstance(value := getattr(operands, name), fx.Node)})
+
+
+#: The row counts (batch x tokens) each native form is timed at, from one row up: past the last size where it wins,
+#: the op runs dense, per call. Above the ladder's top it runs dense too (not measured, so not trusted).
+ROW_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class _Crossover:
+    """How far up :data:`ROW_LADDER` a native form beat dense: ``rows`` (0: not even at one row)."""
+
+    rows: int
+    forced: bool = False
+    timings: tuple[tuple[str, float], ...] = ()
+    lost_at: int = 0
+    lost_timings: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def max_rows(self) -> int:
+        """The op's ``max_rows``: -1 (native at every size) when forced, else the crossover."""
+        return -1 if self.forced and self.rows else self.rows
+
+    def reason(self, kernel: str, priced: str) -> str:
+        if self.forced:
+            return f"{kernel if self.rows else 'dense'} (forced by EXFX_FORCE_LOWERING)"
+        at_one = f"{_ms(dict(self.timings), _other(self.timings))} vs dense {_ms(dict(self.timings), 'dense')} " \
+                 f"at 1 row, {priced}"
+        if not self.rows:
+            return f"native measured slower ({at_one})"
+        past = (f"dense past {self.rows} rows ({_ms(dict(self.lost_timings), _other(self.lost_timings))} vs dense "
+                f"{_ms(dict(self.lost_timings), 'dense')} at {self.lost_at})" if self.lost_at
+                else f"dense past {self.rows} rows (not measured above)")
+        return f"{kernel} up to {self.rows} rows: {at_one}; {past}"
+
+
+def _other(timings: tuple[tuple[str, float], ...]) -> str:
+    return next((form for form, _ in timings if form != "dense"), "native")
+
+
+def _row_sampler(x: Tensor, residual: Tensor | None) -> Callable[[int], tuple[Tensor, Tensor | None]]:
+    """``rows -> (x, residual)`` with that many rows drawn (seeded) from the example's rows: the timing inputs."""
+    features = x.shape[-1]
+    flat = x.reshape(-1, features)
+    res = None if residual is None else residual.expand(*x.shape[:-1], residual.shape[-1]).reshape(
+        flat.shape[0], -1)
+
+    def sample(rows: int) -> tuple[Tensor, Tensor | None]:
+        index = torch.randint(0, flat.shape[0], (rows,), generator=torch.Generator().manual_seed(rows))
+        return flat.index_select(0, index), None if res is None else res.index_select(0, index)
+
+    return sample
 
 
 def _ms(choice_timings: Mapping[str, float], form: str) -> str:
@@ -274,172 +280,143 @@ def _ms(choice_timings: Mapping[str, float], form: str) -> str:
 
 
 class LowerPass(PassBase):
-    """Lower each reference chain to ``exfx::enp_linear`` or dense, and its consumers (see module docstring).
+    """Lower each ``native``-intent site to ``exfx::enp_linear`` or dense, and its consumers (see module docstring).
 
     Args:
         example_inputs: the positional inputs the keep ratios, densities and timings are measured on (their
             batch size is the one the choice is made for).
-        keep_ratios: site name -> keep ratio to price the site at (e.g. from a calibrated plan's
-            ``meta["calibration"]["keep"]``); others are measured on ``example_inputs``.
         latency: the timing model (default: measure, cache in ``~/.cache/exfx``, honour
             ``$EXFX_FORCE_LOWERING``).
-        dense_sites: site name -> why it was left dense before the ENP rewrite (recorded on its ReLU).
         sparse_consumers: also consider ``exfx::sparse_input_linear`` for ``relu -> F.linear`` consumers.
-
-    After the call, :attr:`sites` and :attr:`consumers` hold the :class:`~exfx.meta.Lowering` of every site
-    and consumer considered, in graph order.
     """
 
-    def __init__(self, example_inputs: Sequence[Any], *, keep_ratios: Mapping[str, float] | None = None,
-                 latency: LatencyModel | None = None, dense_sites: Mapping[str, str] | None = None,
+    def __init__(self, example_inputs: Sequence[Any], *, latency: LatencyModel | None = None,
                  sparse_consumers: bool = True) -> None:
         super().__init__()
         self.example_inputs = tuple(example_inputs)
-        self.keep_ratios = dict(keep_ratios or {})
         self.latency = latency if latency is not None else LatencyModel()
-        self.dense_sites = dict(dense_sites or {})
         self.sparse_consumers = sparse_consumers
-        self.sites: dict[str, Lowering] = {}
-        self.consumers: dict[str, Lowering] = {}
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        require_annotated(graph_module, "the lowering")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.sites, self.consumers = {}, {}
-        graph = graph_module.graph
-        self._record_dense_sites(graph)
-        chains = _find_chains(graph)
-        if not chains:
-            return PassResult(graph_module, bool(self.sites))
+        before = copy.deepcopy(graph_module.graph)  # every native-intent site still dense: the whole-model check
+        sites = _sites(graph_module.graph)
+        for site in sites:
+            if site.operands is None:  # kept as the decision says: dense, or the reference ops (exact rule)
+                set_lowering(site.relu, Lowering(site.match.name, site.decision.lowering,
+                                                 site.decision.lowering_reason, site.decision.keep))
+        lowered = [site for site in sites if site.operands is not None or site.decision.lowering == "reference"]
+        if not lowered:
+            return PassResult(graph_module, bool(sites))
         native.native_available()  # builds or loads the kernels (or registers the fallback) once per process
         register_native_flop_formulas()
-        values = _capture(graph_module, self.example_inputs, chains)
-        outputs: list[tuple[_Chain, fx.Node, Tensor]] = []
-        for chain in chains:
-            outputs.append(self._lower_site(graph_module, chain, values))
+        values = _capture(graph_module, self.example_inputs, lowered)
+        outputs = []
+        replaced: dict[fx.Node, fx.Node] = {}  # an erased site output -> the node that now computes it
+        for site in lowered:
+            if site.operands is not None:  # an earlier site's output, read here, may have been replaced
+                site.operands = _refreshed(site.operands, replaced)
+            out, value = self._lower_site(graph_module, site, values)
+            outputs.append((out, value))
+            values[out] = value  # later sites are priced on this site's output as it now is (pruned)
+            if out is not site.relu:
+                replaced[site.relu] = out
         if self.sparse_consumers:
-            for chain, out, value in outputs:
-                for consumer in chain.consumers:
-                    self._lower_consumer(graph_module, chain.site, consumer, out, value, values)
-        graph.eliminate_dead_code()
-        graph.lint()
+            for site, (out, value) in zip(lowered, outputs):
+                for consumer in site.consumers:
+                    self._lower_consumer(graph_module, site.match.name, consumer, out, value, values)
+        graph_module.graph.eliminate_dead_code()
         graph_module.recompile()
+        slower = self._slower_whole_model(graph_module, before)
+        if slower:
+            _revert_to_dense(graph_module, before, slower)
         return PassResult(graph_module, True)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()
+
+    def _slower_whole_model(self, lowered: fx.GraphModule, dense_graph: fx.Graph) -> str:
+        """Why the lowered model as a whole is slower than dense at the example inputs (one line), or ``""``.
+
+        Each form was chosen on its own; the model may still lose as a whole (per-op overhead in a small model,
+        caches), and "never slower than dense" is about the model a user runs.
+        """
+        chosen = {record.form for node in lowered.graph.nodes if (record := lowering(node)) is not None}
+        if self.latency.force is not None or not chosen & {"native", "sparse_input"}:
+            return ""
+        dense = fx.GraphModule(lowered, dense_graph)
+        timings = self.latency.time({"dense": lambda: dense(*self.example_inputs),
+                                     "native": lambda: lowered(*self.example_inputs)})
+        logger.info("lowering: whole model %.3g ms native vs %.3g ms dense", timings["native"], timings["dense"])
+        if timings["native"] <= timings["dense"]:
+            return ""
+        return (f"the lowered model as a whole measured slower ({timings['native']:.3g} ms vs dense "
+                f"{timings['dense']:.3g} ms at the example inputs): every site runs dense")
 
     # -- sites -------------------------------------------------------------------------------------------------
 
-    def _record_dense_sites(self, graph: fx.Graph) -> None:
-        for node in graph.nodes:
-            match = site_match(node)
-            if match is not None and match.name in self.dense_sites:
-                record = Lowering(match.name, "dense", self.dense_sites[match.name])
-                set_lowering(node, record)
-                self.sites[match.name] = record
+    def _lower_site(self, gm: fx.GraphModule, site: _Site, values: Mapping[fx.Node, Any]) -> tuple[fx.Node, Tensor]:
+        """Decide and rewrite one site; the node now producing its output and that output's example value."""
+        if site.operands is None:  # the reference ops stay; only its consumers are lowered
+            return site.relu, values[site.relu]
+        v = _site_values(site, values)
+        keep = site.decision.keep if site.decision.keep is not None else v.measured_keep()
+        relaid = native.relayout(v.weight, v.count, v.n_units)
+        cut = cutoff(v.rule, v.param)
+        timing_cut = cut if site.decision.keep is None else v.cutoff_keeping(keep)
+        ceiling = activation_ceiling(site.relu)
 
-    def _lower_site(self, gm: fx.GraphModule, chain: _Chain, values: Mapping[fx.Node, Any]) -> tuple[
-            _Chain, fx.Node, Tensor]:
-        """Decide and rewrite one chain; the node now producing the site's output and its example value."""
-        x, weight = values[chain.x], values[chain.weight]
-        bias, residual = values.get(chain.bias), values.get(chain.residual)
-        measured_keep = float(values[chain.early_exit].float().mean())
-        keep = float(self.keep_ratios.get(chain.site, measured_keep))
-        if chain.blocker:
-            record = Lowering(chain.site, "reference", chain.blocker, keep)
-            set_lowering(chain.relu, record)
-            self.sites[chain.site] = record
-            return chain, chain.relu, values[chain.relu]
-        relaid = native.relayout(weight, chain.count, chain.n_units)
-        cut = cutoff(chain.rule, chain.param)
-        timing_cut = cut if chain.site not in self.keep_ratios else _timing_cutoff(
-            chain, x, weight, bias, residual, keep)
-        rows = x.numel() // max(1, x.shape[-1])
-
-        ceiling = activation_ceiling(chain.relu)
-
-        def dense() -> Tensor:
-            pre = F.linear(x, weight, bias)
-            pre = pre if residual is None else pre + residual
+        def finish(pre: Tensor) -> Tensor:
             return torch.relu(pre) if ceiling is None else torch.clamp(pre, 0.0, ceiling)
 
-        def native_call() -> Tensor:
-            return _OPS.enp_linear(x, relaid.head, relaid.tail, bias, residual, chain.count, chain.n_units,
-                                   chain.rule, timing_cut, True)
+        def candidates(x: Tensor, residual: Tensor | None) -> dict[str, Callable[[], object]]:
+            def dense() -> Tensor:
+                pre = F.linear(x, v.weight, v.bias)
+                return finish(pre if residual is None else pre + residual)
 
-        unsupported = _native_ok(x, weight, bias, residual)
-        if unsupported:
-            form, reason, timings = "dense", unsupported, {}
-        else:
-            key = (f"enp_linear|rows={rows}|in={x.shape[-1]}|out={weight.shape[0]}|count={chain.count}"
-                   f"|units={chain.n_units}|rule={chain.rule}|bias={bias is not None}"
-                   f"|residual={residual is not None}|keep={keep:.2f}")
-            choice = self.latency.choose(key, {"dense": dense, "native": native_call})
-            form, timings = choice.form, dict(choice.timings)
-            reason = self._site_reason(form, choice.forced, timings, rows, keep)
-        record = Lowering(chain.site, form, reason, keep, tuple(timings.items()))
-        logger.info("lowering site %s: %s", chain.site, record.describe())
-        self.sites[chain.site] = record
-        chain = _refreshed(chain)  # an earlier site's rewrite may have replaced this chain's input node
-        if form == "native":
-            out = self._rewrite_native(gm, chain, relaid, cut, record)
-            return chain, out, values[chain.relu]
-        self._rewrite_dense(gm.graph, chain, record)
+            def native_call() -> object:
+                return _OPS.enp_linear(x, relaid.head, relaid.tail, v.bias, residual, v.count, v.n_units, v.rule,
+                                       timing_cut, True)
+
+            return {"dense": dense, "native": native_call}
+
+        unsupported = _native_ok(v.x, v.weight, v.bias, v.residual)
+        key = (f"enp_linear|in={v.x.shape[-1]}|out={v.weight.shape[0]}|count={v.count}|units={v.n_units}"
+               f"|rule={v.rule}|bias={v.bias is not None}|residual={v.residual is not None}|keep={keep:.2f}")
+        crossover = _Crossover(0, forced=False) if unsupported else self._crossover(
+            key, _row_sampler(v.x, v.residual), candidates)
+        form = "native" if crossover.rows else "dense"
+        reason = unsupported or crossover.reason("native enp_linear", f"keep {keep:.2f}")
+        record = Lowering(site.match.name, form, reason, keep, crossover.timings, max_rows=crossover.max_rows)
+        logger.info("lowering site %s: %s", site.match.name, record.describe())
         with torch.no_grad():
-            return chain, chain.relu, dense()
+            if form == "native":
+                out = _rewrite_native(gm, site, relaid, cut, record)
+                return out, finish(_OPS.enp_linear(v.x, relaid.head, relaid.tail, v.bias, v.residual, v.count,
+                                                   v.n_units, v.rule, cut, True)[0])
+            _rewrite_dense(gm.graph, site, record)
+            return site.relu, candidates(v.x, v.residual)["dense"]()  # type: ignore[return-value]
 
-    @staticmethod
-    def _site_reason(form: str, forced: bool, timings: Mapping[str, float], rows: int, keep: float) -> str:
-        if forced:
-            return f"{'native enp_linear' if form == 'native' else 'dense'} (forced by EXFX_FORCE_LOWERING)"
-        compared = f"{_ms(timings, 'native')} vs dense {_ms(timings, 'dense')} at {rows} rows, keep {keep:.2f}"
-        if form == "native":
-            return f"native enp_linear: {compared}"
-        return f"native measured slower ({compared})"
+    def _crossover(self, key: str, sample: Callable[[int], tuple[Tensor, Tensor | None]],
+                   candidates: Callable[[Tensor, Tensor | None], dict[str, Callable[[], object]]]) -> _Crossover:
+        """The largest row count of :data:`ROW_LADDER` up to which the native form beats dense at every step.
 
-    @staticmethod
-    def _rewrite_native(gm: fx.GraphModule, chain: _Chain, relaid: native.RelaidWeight, cut: float,
-                        record: Lowering) -> fx.Node:
-        graph, slug = gm.graph, _slug(chain.site)
-        label_weight(relaid.head, chain.site)
-        head_name = register_constant(gm, f"exfx_{slug}_head", relaid.head)
-        tail_name = register_constant(gm, f"exfx_{slug}_tail", relaid.tail)
-        with graph.inserting_before(chain.relu):
-            head = graph.create_node("get_attr", head_name, name=f"{slug}_head")
-            tail = graph.create_node("get_attr", tail_name, name=f"{slug}_tail")
-            fused = graph.create_node(
-                "call_function", _OPS.enp_linear.default,
-                (chain.x, head, tail, chain.bias, chain.residual, chain.count, chain.n_units, chain.rule, cut, True),
-                name=f"{slug}_enp_linear")
-            out = graph.create_node("call_function", operator.getitem, (fused, 0), name=f"{slug}_enp_out")
-        for node, role in ((head, "head"), (tail, "tail"), (fused, "enp_linear"), (out, "enp_out")):
-            set_rewrite_role(node, chain.site, role)
-        set_lowering(fused, record)
-        set_lowering(out, record)
-        if activation_ceiling(chain.relu) is not None:
-            # A capped ReLU keeps its upper clamp: clamp(relu(pre), 0.0, t) == clamp(pre, 0.0, t).
-            chain.relu.args = (out, *chain.relu.args[1:])
-            set_lowering(chain.relu, record)
-            for node in (chain.complete, chain.early_exit, chain.partial_sum):
-                graph.erase_node(node)
-            return chain.relu
-        # The kernel applied the ReLU (relu=True): the ReLU's readers read the kernel's output instead.
-        chain.relu.replace_all_uses_with(out)
-        for node in (chain.relu, chain.complete, chain.early_exit, chain.partial_sum):
-            graph.erase_node(node)
-        return out
-
-    @staticmethod
-    def _rewrite_dense(graph: fx.Graph, chain: _Chain, record: Lowering) -> None:
-        slug = _slug(chain.site)
-        with graph.inserting_before(chain.relu):
-            pre = graph.create_node("call_function", F.linear, (chain.x, chain.weight, chain.bias),
-                                    name=f"{slug}_dense")
-            set_rewrite_role(pre, chain.site, "dense")
-            if chain.residual is not None:
-                pre = graph.create_node("call_function", torch.add, (pre, chain.residual),
-                                        name=f"{slug}_dense_residual")
-                set_rewrite_role(pre, chain.site, "dense_residual")
-        chain.relu.args = (pre, *chain.relu.args[1:])  # a capped ReLU keeps its bounds
-        set_lowering(chain.relu, record)
-        for node in (chain.complete, chain.early_exit, chain.partial_sum):
-            graph.erase_node(node)
+        Timed from one row upwards on rows sampled from the example inputs, stopping at the first size where
+        native does not win by :data:`~exfx.cost.model.WIN_MARGIN`: the op runs dense past that size.
+        """
+        best, timings = 0, ()
+        for rows in ROW_LADDER:
+            choice = self.latency.choose(f"{key}|rows={rows}", candidates(*sample(rows)))
+            if choice.forced:
+                return _Crossover(ROW_LADDER[-1] if choice.form != "dense" else 0, forced=True)
+            if rows == 1:
+                timings = choice.timings
+            if choice.form == "dense":
+                return _Crossover(best, timings=timings, lost_at=rows, lost_timings=choice.timings)
+            best = rows
+        return _Crossover(best, timings=timings)
 
     # -- consumers ---------------------------------------------------------------------------------------------
 
@@ -454,37 +431,98 @@ class LowerPass(PassBase):
         density = float((h != 0).float().mean())
         unsupported = _native_ok(h, weight, bias)
         w_t = native.transpose_for_sparse_input(weight)
-        rows = h.numel() // max(1, h.shape[-1])
-        if unsupported:
-            form, reason, timings = "dense", unsupported, {}
-        else:
-            key = (f"sparse_input_linear|rows={rows}|in={weight.shape[1]}|out={weight.shape[0]}"
-                   f"|bias={bias is not None}|density={density:.2f}")
-            candidates: dict[str, Callable[[], object]] = {
-                "dense": lambda: F.linear(h, weight, bias),
-                "sparse_input": lambda: _OPS.sparse_input_linear(h, w_t, bias)}
-            choice = self.latency.choose(key, candidates)
-            form, timings = choice.form, dict(choice.timings)
-            if choice.forced:
-                reason = f"{form} (forced by EXFX_FORCE_LOWERING)"
-            else:
-                reason = (f"sparse_input_linear {_ms(timings, 'sparse_input')} vs dense {_ms(timings, 'dense')} "
-                          f"at {rows} rows, input density {density:.2f}")
-        record = Lowering(name, form, reason, density, tuple(timings.items()), input_site=site)
-        self.consumers[name] = record
+
+        def candidates(x: Tensor, _: Tensor | None) -> dict[str, Callable[[], object]]:
+            return {"dense": lambda: F.linear(x, weight, bias),
+                    "sparse_input": lambda: _OPS.sparse_input_linear(x, w_t, bias)}
+
+        key = (f"sparse_input_linear|in={weight.shape[1]}|out={weight.shape[0]}|bias={bias is not None}"
+               f"|density={density:.2f}")
+        crossover = _Crossover(0, forced=False) if unsupported else self._crossover(
+            key, _row_sampler(h, None), candidates)
+        form = "sparse_input" if crossover.rows else "dense"
+        reason = unsupported or crossover.reason("sparse_input_linear", f"input density {density:.2f}")
+        record = Lowering(name, form, reason, density, crossover.timings, input_site=site,
+                          max_rows=crossover.max_rows)
         logger.info("lowering consumer %s of site %s: %s", name, site, record.describe())
         if form != "sparse_input":
             set_lowering(consumer, record)
             return
-        graph, slug = gm.graph, _slug(name)
+        graph, prefix = gm.graph, slug(name)
         label_weight(w_t, name)
-        attr = register_constant(gm, f"exfx_{slug}_w_t", w_t)
+        attr = register_constant(gm, f"exfx_{prefix}_w_t", w_t)
         with graph.inserting_before(consumer):
-            w_t_node = graph.create_node("get_attr", attr, name=f"{slug}_w_t")
-            sparse = graph.create_node("call_function", _OPS.sparse_input_linear.default, (out, w_t_node, bias_node),
-                                       name=f"{slug}_sparse_input")
+            w_t_node = graph.create_node("get_attr", attr, name=f"{prefix}_w_t")
+            sparse = graph.create_node("call_function", _OPS.sparse_input_linear.default,
+                                       (out, w_t_node, bias_node, crossover.max_rows), name=f"{prefix}_sparse_input")
         set_rewrite_role(w_t_node, name, "w_t")
         set_rewrite_role(sparse, name, "sparse_input")
         set_lowering(sparse, record)
         consumer.replace_all_uses_with(sparse)
         graph.erase_node(consumer)
+
+
+def _rewrite_native(gm: fx.GraphModule, site: _Site, relaid: native.RelaidWeight, cut: float,
+                    record: Lowering) -> fx.Node:
+    operands, params, name = site.operands, site.params, site.match.name
+    assert operands is not None
+    graph, prefix, relu = gm.graph, slug(name), site.relu
+    label_weight(relaid.head, name)
+    head_name = register_constant(gm, f"exfx_{prefix}_head", relaid.head)
+    tail_name = register_constant(gm, f"exfx_{prefix}_tail", relaid.tail)
+    with graph.inserting_before(relu):
+        head = graph.create_node("get_attr", head_name, name=f"{prefix}_head")
+        tail = graph.create_node("get_attr", tail_name, name=f"{prefix}_tail")
+        fused = graph.create_node(
+            "call_function", _OPS.enp_linear.default,
+            (operands.x, head, tail, operands.bias, operands.residual, params.samples[0], site.match.n_units,
+             params.rule, cut, True, operands.weight, record.max_rows), name=f"{prefix}_enp_linear")
+        out = graph.create_node("call_function", operator.getitem, (fused, 0), name=f"{prefix}_enp_out")
+    for node, role in ((head, "head"), (tail, "tail"), (fused, "enp_linear"), (out, "enp_out")):
+        set_rewrite_role(node, name, role)
+    set_lowering(fused, record)
+    set_lowering(out, record)
+    if activation_ceiling(relu) is not None:
+        # A capped ReLU keeps its upper clamp: clamp(relu(pre), 0.0, t) == clamp(pre, 0.0, t).
+        relu.args = (out, *relu.args[1:])
+        set_lowering(relu, record)
+        return relu
+    # The kernel applied the ReLU (relu=True): the ReLU's readers read the kernel's output instead.
+    relu.replace_all_uses_with(out)
+    graph.erase_node(relu)
+    return out
+
+
+def _rewrite_dense(graph: fx.Graph, site: _Site, record: Lowering) -> None:
+    operands, name, relu = site.operands, site.match.name, site.relu
+    assert operands is not None
+    prefix = slug(name)
+    with graph.inserting_before(relu):
+        pre = graph.create_node("call_function", F.linear, (operands.x, operands.weight, operands.bias),
+                                name=f"{prefix}_dense")
+        set_rewrite_role(pre, name, "dense")
+        if operands.residual is not None:
+            pre = graph.create_node("call_function", torch.add, (pre, operands.residual),
+                                    name=f"{prefix}_dense_residual")
+            set_rewrite_role(pre, name, "dense_residual")
+    relu.args = (pre, *relu.args[1:])  # a capped ReLU keeps its bounds
+    set_lowering(relu, record)
+
+
+def _revert_to_dense(gm: fx.GraphModule, dense_graph: fx.Graph, reason: str) -> None:
+    """Give ``gm`` back its graph from before the lowering, every native-intent site dense with ``reason``."""
+    used = {str(node.target) for node in gm.graph.nodes if node.op == "get_attr"}
+    kept = {str(node.target) for node in dense_graph.nodes if node.op == "get_attr"}
+    gm.graph = dense_graph
+    for name in used - kept:  # the relaid weights the lowering made: nothing reads them any more
+        if name.startswith("exfx_") and hasattr(gm, name):
+            delattr(gm, name)
+    for node in gm.graph.nodes:
+        decision = site_decision(node)
+        if decision is None or not decision.eligible:
+            continue
+        form, why = ("dense", reason) if decision.lowering == "native" else (decision.lowering,
+                                                                            decision.lowering_reason)
+        set_lowering(node, Lowering(decision.site, form, why, decision.keep))
+    logger.info("lowering: %s", reason)
+    gm.recompile()

@@ -1,5 +1,5 @@
-"""Helpers of static structured pruning (SNP and baselines); the pass and :func:`prune` are in
-:mod:`exfx.passes.snp_pass`.
+"""Helpers of static structured pruning (SNP and baselines); the pass is :mod:`exfx.passes.snp_pass`, the entry
+point :func:`exfx.prune` (:mod:`exfx.pruning`).
 
 - :mod:`exfx.snp.layers`: which unit axes can be sliced, read from the exchangeable groups;
 - :mod:`exfx.snp.stats`: float64 second moments of the units over a data set;

@@ -43,8 +43,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from exfx.analysis.axes import AxisGroups
-from exfx.analysis.opsets import (POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS, RESHAPE_METHODS, is_producer,
-                                  is_site_activation)
+from exfx.analysis.opsets import (POOL_FUNCTIONS, POOL_MODULES, RESHAPE_FUNCTIONS, RESHAPE_METHODS, describe_node,
+                                  is_producer, is_site_activation)
 from exfx.analysis.shapes import rank_of, shape_of
 from exfx.meta import producer_name, site_match
 
@@ -159,26 +159,18 @@ def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_function":
-        return f"`{node.name}` ({getattr(node.target, '__name__', node.target)})"
-    if node.op == "call_method":
-        return f"`{node.name}` (.{node.target}())"
-    return f"`{node.name}` ({node.op} {node.target})"
-
-
 def _refusal_for(node: fx.Node) -> str:
     """Why a group holding ``node`` cannot be sliced."""
     if node.op in ("call_function", "call_method") and node.target in _ADD_TARGETS:
-        return (f"residual stream: the units are added to other tensors by {_describe(node)}; left alone "
+        return (f"residual stream: the units are added to other tensors by {describe_node(node)}; left alone "
                 f"(pruning a stream needs a joint fold into every reader)")
     if node.op == "call_function" and node.target is torch.cat:
-        return f"the units are concatenated by {_describe(node)}; concat slicing is not supported"
+        return f"the units are concatenated by {describe_node(node)}; concat slicing is not supported"
     if node.op == "placeholder":
         return f"the units are a model input (`{node.name}`)"
     if node.op == "output":
         return "the units are a model output"
-    return f"the units pass through {_describe(node)}, which static pruning does not know how to slice"
+    return f"the units pass through {describe_node(node)}, which static pruning does not know how to slice"
 
 
 class _GroupReader:
@@ -226,11 +218,11 @@ class _GroupReader:
         if node.op == "get_attr":
             return self.check_attr(node, axis)
         if is_producer(node) and node.kwargs.get("groups", 1) != 1:
-            return f"the units feed the grouped conv {_describe(node)} (groups={node.kwargs.get('groups')})"
+            return f"the units feed the grouped conv {describe_node(node)} (groups={node.kwargs.get('groups')})"
         if is_producer(node):
-            return f"another producer ({_describe(node)}) writes the same units (tied weights?)"
+            return f"another producer ({describe_node(node)}) writes the same units (tied weights?)"
         if is_site_activation(node):
-            return f"a second ReLU ({_describe(node)}) shares the units"
+            return f"a second ReLU ({describe_node(node)}) shares the units"
         if _is_channelwise(self.gm, node):
             return None
         return _refusal_for(node)
@@ -240,39 +232,39 @@ class _GroupReader:
             return f"the tensor `{attr.target}` is read more than once (tied or shared weights)"
         user = next(iter(attr.users))
         if not is_producer(user):
-            return f"the tensor `{attr.target}` is used by {_describe(user)}, not by a linear or conv"
+            return f"the tensor `{attr.target}` is used by {describe_node(user)}, not by a linear or conv"
         if user is self.producer:
             if axis == 0 and attr in (user.args[1], user.args[2]):
                 return None
             return f"the units reach axis {axis} of `{attr.target}`"
         if attr is user.args[1] and axis == 1:
             return self.add_consumer(user, attr)
-        return f"the units reach axis {axis} of `{attr.target}` of {_describe(user)}"
+        return f"the units reach axis {axis} of `{attr.target}` of {describe_node(user)}"
 
     def add_consumer(self, user: fx.Node, weight: fx.Node) -> str | None:
         if _kind(user) == "conv" and user.kwargs.get("groups", 1) != 1:
-            return f"the consumer {_describe(user)} is a grouped conv (groups={user.kwargs.get('groups')})"
+            return f"the consumer {describe_node(user)} is a grouped conv (groups={user.kwargs.get('groups')})"
         x = user.args[0]
         if not isinstance(x, fx.Node):
-            return f"the consumer {_describe(user)} has no tensor input"
+            return f"the consumer {describe_node(user)} has no tensor input"
         stats = x
         while _is_reshape(self.gm, stats) and isinstance(stats.args[0], fx.Node):
             stats = stats.args[0]
         stats_axis = self.axis_in_group(stats)
         if stats_axis is None:
-            return f"cannot find the units' axis in `{stats.name}`, the input of {_describe(user)}"
+            return f"cannot find the units' axis in `{stats.name}`, the input of {describe_node(user)}"
         columns = shape_of(weight)[1]
         block = 1 if _kind(user) == "conv" else columns // self.n_units
         if _kind(user) == "linear":
             trailing = math.prod(shape_of(stats)[stats_axis + 1:]) if stats is not x else 1
             if block * self.n_units != columns or block != trailing:
-                return (f"the consumer {_describe(user)} reads {columns} features, not {self.n_units} units "
+                return (f"the consumer {describe_node(user)} reads {columns} features, not {self.n_units} units "
                         f"in channel-major blocks")
         elif columns != self.n_units:
-            return f"the consumer {_describe(user)} reads {columns} channels, not {self.n_units}"
+            return f"the consumer {describe_node(user)} reads {columns} channels, not {self.n_units}"
         bias = user.args[2] if len(user.args) > 2 and isinstance(user.args[2], fx.Node) else None
         if bias is not None and (bias.op != "get_attr" or not _sole_use(bias)):
-            return f"the bias of the consumer {_describe(user)} is not a parameter read once"
+            return f"the bias of the consumer {describe_node(user)} is not a parameter read once"
         self.consumers.append(ConsumerSlot(
             name=producer_name(user), node=user.name, kind=_kind(user), weight=str(weight.target),
             bias=str(bias.target) if bias is not None else None, block=block, stats_node=stats.name,
@@ -282,18 +274,18 @@ class _GroupReader:
 
 def _check_producer(producer: object) -> str | None:
     if not (isinstance(producer, fx.Node) and is_producer(producer)):
-        what = _describe(producer) if isinstance(producer, fx.Node) else repr(producer)
+        what = describe_node(producer) if isinstance(producer, fx.Node) else repr(producer)
         if isinstance(producer, fx.Node) and producer.op in ("call_function", "call_method") \
                 and producer.target in _ADD_TARGETS:
             return _refusal_for(producer)
         return f"the ReLU's input {what} is not a linear or conv"
     weight, bias = producer.args[1], producer.args[2] if len(producer.args) > 2 else None
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and _sole_use(weight)):
-        return f"the weight of {_describe(producer)} is not a parameter read once"
+        return f"the weight of {describe_node(producer)} is not a parameter read once"
     if isinstance(bias, fx.Node) and not (bias.op == "get_attr" and _sole_use(bias)):
-        return f"the bias of {_describe(producer)} is not a parameter read once"
+        return f"the bias of {describe_node(producer)} is not a parameter read once"
     if _kind(producer) == "conv" and producer.kwargs.get("groups", 1) != 1:
-        return f"{_describe(producer)} is a grouped conv (groups={producer.kwargs.get('groups')})"
+        return f"{describe_node(producer)} is a grouped conv (groups={producer.kwargs.get('groups')})"
     return None
 
 

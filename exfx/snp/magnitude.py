@@ -42,6 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from exfx.analysis.opsets import is_producer
 from exfx.capture import normalise_inputs
 from exfx.meta import GROUPS_KEY, SITE_KEY
+from exfx.passes.attributes import owner_of, replace_tensor
 from exfx.snp.errors import PruneError
 
 logger = logging.getLogger(__name__)
@@ -131,15 +132,8 @@ def apply_magnitude_masks(gm: fx.GraphModule, targets: Sequence[str], sparsity: 
 def _detach_weights(gm: fx.GraphModule, targets: Sequence[str]) -> None:
     """Give ``gm`` its own copy of each target (a deepcopy already has one; this is the guard)."""
     for target in targets:
-        *path, leaf = target.split(".")
-        owner: Any = gm
-        for part in path:
-            owner = getattr(owner, part)
-        value = getattr(owner, leaf).detach().clone()
-        if leaf in owner._buffers:
-            owner._buffers[leaf] = value
-        else:
-            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+        owner, leaf = owner_of(gm, target)
+        replace_tensor(gm, target, getattr(owner, leaf).detach().clone())
 
 
 def magnitude_prune(analysis: AnalysedGraph, example_inputs: Any, *,

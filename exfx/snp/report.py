@@ -63,7 +63,7 @@ class RefusedAxis:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """The outcome of :func:`exfx.passes.snp_pass.prune`.
+    """The outcome of :func:`exfx.prune`.
 
     Attributes:
         method: the selection/fold method.

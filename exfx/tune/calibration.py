@@ -13,7 +13,7 @@
    z-test), each schedule and each parameter on a grid (thresholds at quantiles
    of the recorded statistic, a ladder of alphas), it replays the early-exit
    tests on the recorded neurons. That gives the executed FLOPs per neuron, with
-   the test overhead and the same FLOP convention as :mod:`exfx.flops`, and the
+   the test overhead and the same FLOP convention as :mod:`exfx.cost.flops`, and the
    *damage*: the first-order output energy ``sum (gain * activation) ** 2`` of
    the neurons it would falsely zero, as a share of the whole model's. A site
    whose errors later layers amplify therefore costs more per false prune.
@@ -80,30 +80,22 @@ from exfx.tune.evaluation import (
 )
 from exfx.tune.distributed import Ranks
 from exfx.tune.instrument import SiteSample, instrument, record_gains
+from exfx.tune.options import DEFAULT_ALPHAS, DEFAULT_SCHEDULES, CalibrationOptions
 from exfx.tune.pricing import allocation_path, candidates, harm_scales
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "calibrate_budgets", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
-
-#: Every checkpoint schedule over {8, 16, 32, 64} (a site takes those that fit its fan-in): pricing is
-#: offline, so more candidates cost no evaluation, only a little more work in the instrumented pass.
-DEFAULT_SCHEDULES: tuple[tuple[int, ...], ...] = tuple(
-    tuple(k for k, bit in zip((8, 16, 32, 64), f"{mask:04b}"[::-1]) if bit == "1") for mask in range(1, 16))
-DEFAULT_ALPHAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+__all__ = ["calibrate", "calibrate_budgets", "CalibrationOptions", "DEFAULT_SCHEDULES", "DEFAULT_ALPHAS"]
 
 
 def calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
-              budget: float = 0.001, config: Config | None = None, *,
-              schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES, alphas: Sequence[float] = DEFAULT_ALPHAS,
-              max_evals: int = 10, max_neurons: int = 200_000, seed: int = 0, confidence: float | None = None,
-              sensitivity: str = "gradient", progress: bool | None = None,
-              tracing: Mapping[str, Any] | None = None, distributed: bool | None = None) -> Plan:
+              budget: float = 0.001, config: Config | None = None, *, options: CalibrationOptions | None = None,
+              **overrides: Any) -> Plan:
     """The plan with the fewest executed FLOPs whose metric drop on ``data`` is at most ``budget``.
 
     Args:
         model: an eval-mode model, or an :class:`exfx.Analysis` of one (then
-            ``example_inputs`` is ignored and ``tracing`` must be None).
+            ``example_inputs`` is ignored and the capture options must be the defaults).
         example_inputs: as for :func:`exfx.compile`.
         data: held-out ``(inputs, targets)`` batches (a validation split): a
             list, a loader or a generator. It is read once into a list (so it
@@ -119,60 +111,40 @@ def calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iter
         config: if given, restricts the search to ``config.rule`` and the single
             schedule ``config.samples`` (its threshold or alpha is searched, not
             taken); by default both rules and every schedule in ``schedules``.
-        schedules: candidate checkpoint schedules (a site takes those that fit its fan-in; a site
-            that fits none is disabled in the plan).
-        alphas: candidate z-test levels.
-        max_evals: at most this many full evaluations after the baseline (the binary search stops
-            earlier once it has pinned the budget's edge on the path).
-        max_neurons: neurons sampled per site by the instrumented pass.
-        seed: seeds the neuron sample (and the bootstrap); same seed and data, same plan.
-        confidence: if set (e.g. 0.95), a plan must also keep the upper
-            ``confidence`` quantile of its drop under a paired bootstrap of the
-            examples within ``budget``: a guard against a small calibration set
-            that happens to hide flipped predictions. Default: the plain drop.
-        sensitivity: how a false prune's damage is weighed across sites.
-            ``"gradient"`` (default): first-order output energy, from one
-            backward pass per batch of a random projection of the outputs, so
-            a site whose errors the later layers amplify costs more.
-            ``"mass"``: the pruned share of the site's own activation mass, the
-            same at every site.
-        progress: show tqdm bars (default: when attached to a terminal).
-        tracing: the capture options of :func:`exfx.compile` (``leaf_modules``,
-            ``concrete_args``, ``hidden_inputs``, ``capture``), used for every
-            compile and analysis; compile the plan with the same ones.
-        distributed: calibrate over the ranks of ``torch.distributed`` (default
-            None: when a process group of more than one rank is initialised;
-            True: it must be; False: this process alone, on its own data). Every
-            rank calls ``calibrate`` with the same arguments and its own shard of
-            ``data`` (:func:`exfx.shard_batches`); each rank instruments and
-            evaluates its shard, and every rank returns the same plan: the one a
-            single process returns on the shards concatenated in rank order.
-            Save it from rank 0 only. See :mod:`exfx.tune.distributed`.
+            The same as the ``config`` option.
+        options: how to search: an :class:`exfx.CalibrationOptions` (default: its defaults).
+        **overrides: any field of :class:`exfx.CalibrationOptions` by name, over ``options``:
+            ``schedules``, ``alphas``, ``max_evals``, ``max_neurons``, ``seed``,
+            ``confidence``, ``sensitivity``, ``progress``, ``capture_options`` (the
+            capture options of :func:`exfx.compile`, used for every compile and
+            analysis: compile the plan with the same ones) and ``distributed``
+            (calibrate over the ranks of ``torch.distributed``: see
+            :class:`~exfx.tune.options.CalibrationOptions` and :mod:`exfx.tune.distributed`).
+
+    Raises:
+        TypeError: a keyword is not a field of :class:`exfx.CalibrationOptions`.
+        ValueError: ``budget`` or an option is out of range (the message names it).
 
     See the module docstring for the method. ``plan.meta["calibration"]`` holds
     ``evals`` (full evaluations, baseline included), ``seconds``, ``baseline``,
     ``score``, ``reduction`` (measured), ``budget`` and ``lam``.
     """
-    return _calibrate(model, example_inputs, data, metric, (budget,), config, schedules, alphas, max_evals,
-                      max_neurons, seed, confidence, sensitivity, progress, tracing, distributed)[0]
+    options = CalibrationOptions.from_kwargs(options, **_with_config(config, overrides))
+    return _calibrate(model, example_inputs, data, metric, (budget,), options)[0]
 
 
 def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
                       budgets: Sequence[float], config: Config | None = None, *,
-                      schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
-                      alphas: Sequence[float] = DEFAULT_ALPHAS, max_evals: int = 10, max_neurons: int = 200_000,
-                      seed: int = 0, confidence: float | None = None, sensitivity: str = "gradient",
-                      progress: bool | None = None, tracing: Mapping[str, Any] | None = None,
-                      distributed: bool | None = None) -> dict[float, Plan]:
+                      options: CalibrationOptions | None = None, **overrides: Any) -> dict[float, Plan]:
     """:func:`calibrate` for several budgets at once: budget -> plan, each as ``calibrate`` would return it.
 
-    The baseline, the instrumented pass, the gains and the allocation path do not
-    depend on the budget, so they are computed once; each budget then runs its own
-    binary search along the same path, and a plan already evaluated for one budget
-    is not evaluated again for another. Each plan is the one ``calibrate`` returns
-    for that budget with the same arguments. Its ``meta["calibration"]`` holds the
-    ``evals`` and ``seconds`` of the whole call (shared work is not split) and
-    ``budgets``, all the budgets calibrated together.
+    The other arguments are as for :func:`calibrate`. The baseline, the instrumented pass,
+    the gains and the allocation path do not depend on the budget, so they are computed
+    once; each budget then runs its own binary search along the same path, and a plan
+    already evaluated for one budget is not evaluated again for another. Each plan is the
+    one ``calibrate`` returns for that budget with the same arguments. Its
+    ``meta["calibration"]`` holds the ``evals`` and ``seconds`` of the whole call (shared
+    work is not split) and ``budgets``, all the budgets calibrated together.
 
     Example::
 
@@ -186,29 +158,31 @@ def calibrate_budgets(model: torch.nn.Module | Analysis, example_inputs: Any, da
     budgets = tuple(budgets)  # once: a generator or a numpy array alike
     if not budgets:
         raise ValueError("budgets must be a non-empty sequence of budgets, e.g. (0.001, 0.01); got none")
-    plans = _calibrate(model, example_inputs, data, metric, budgets, config, schedules, alphas, max_evals,
-                       max_neurons, seed, confidence, sensitivity, progress, tracing, distributed)
+    options = CalibrationOptions.from_kwargs(options, **_with_config(config, overrides))
+    plans = _calibrate(model, example_inputs, data, metric, budgets, options)
     return {float(budget): plan for budget, plan in zip(budgets, plans)}
 
 
+def _with_config(config: Config | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keyword overrides, with the positional ``config`` among them when it is given."""
+    return overrides if config is None else {**overrides, "config": config}
+
+
 def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
-               budgets: tuple[float, ...], config: Config | None, schedules: Sequence[tuple[int, ...]],
-               alphas: Sequence[float], max_evals: int, max_neurons: int, seed: int, confidence: float | None,
-               sensitivity: str, progress: bool | None, tracing: Mapping[str, Any] | None,
-               distributed: bool | None) -> list[Plan]:
+               budgets: tuple[float, ...], options: CalibrationOptions) -> list[Plan]:
     started = time.perf_counter()
-    ranks = Ranks.detect(distributed)
-    ranks.check_arguments({"budgets": budgets, "config": config, "schedules": schedules, "alphas": alphas,
-                           "max_evals": max_evals, "max_neurons": max_neurons, "seed": seed,
-                           "confidence": confidence, "sensitivity": sensitivity})
-    progress = ranks.progress(progress)
-    budgets = tuple(check_budget(budget, schedules) for budget in budgets)
-    rules, schedules, alphas = _check_search(config, schedules, alphas, max_evals, confidence, sensitivity)
+    ranks = Ranks.detect(options.distributed)
+    ranks.check_arguments({"budgets": budgets, **options.rank_arguments()})
+    progress = ranks.progress(options.progress)
+    budgets = tuple(check_budget(budget) for budget in budgets)
+    rules, schedules, alphas = options.rules, options.search_schedules, options.alphas
+    max_evals, seed, confidence = options.max_evals, options.seed, options.confidence
     data = data if isinstance(data, (list, tuple)) else list(data)
-    analysis = analysis_of(model, example_inputs, tracing)
+    analysis = analysis_of(model, example_inputs, options.capture_options)
     first_batch, total_batches = ranks.check_model_and_data(analysis, len(data))
     sites, signatures = tunable_sites(analysis, schedules), analysis.signatures
-    baseline = ranks.evaluate(analysis.compile(plan_for(signatures)), data, metric, desc="exfx calibrate: baseline",
+    baseline = ranks.evaluate(analysis.compile(plan_for(signatures), lowering="reference"), data, metric,
+                              desc="exfx calibrate: baseline",
                               progress=progress)
     if not sites:
         unpruned = [with_calibration_record(plan_for(signatures), baseline, baseline, 1, started, budget, math.inf,
@@ -216,9 +190,9 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
         return ranks.on_first(lambda: unpruned)
     checkpoints = {s.name: tuple(sorted({k for sch in schedules if sch[-1] <= (s.fan_in or 0) for k in sch}))
                    for s in sites}
-    samples = instrument(analysis, data, checkpoints, max_neurons, seed, progress, first_batch=first_batch,
+    samples = instrument(analysis, data, checkpoints, options.max_neurons, seed, progress, first_batch=first_batch,
                          total_batches=total_batches)
-    if sensitivity == "gradient":
+    if options.sensitivity == "gradient":
         record_gains(analysis, data, samples, seed, progress, first_batch=first_batch)
     samples = ranks.merge_samples(samples)  # every rank's records, on rank 0
     path = ranks.on_first(lambda: _price(samples, schedules, alphas, rules, float(baseline.dense)))
@@ -229,7 +203,8 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
         if index not in evaluated:
             lam, allocation = path[index]
             plan = plan_for(signatures, allocation)
-            result = ranks.evaluate(analysis.compile(plan), data, metric, desc=f"exfx calibrate: lam={lam:.3g}",
+            result = ranks.evaluate(analysis.compile(plan, lowering="reference"), data, metric,
+                                    desc=f"exfx calibrate: lam={lam:.3g}",
                                     progress=progress)
             drop = baseline.score - result.score
             if confidence is not None:  # the outputs are on rank 0
@@ -255,36 +230,8 @@ def _price(samples: Mapping[str, SiteSample], schedules: Sequence[tuple[int, ...
            rules: tuple[str, ...], dense: float) -> list[tuple[float, dict[str, SiteParams]]]:
     """Steps 2-3: every site's candidates priced on its records, and the allocation path."""
     scales = harm_scales(samples)
-    options = {name: candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
-    return allocation_path(options, dense)
-
-
-def _check_search(config: Config | None, schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],
-                  max_evals: int, confidence: float | None,
-                  sensitivity: str) -> tuple[tuple[str, ...], Sequence[tuple[int, ...]], tuple[float, ...]]:
-    """The rules and schedules to search and the alphas, after checking every search argument (before any pass)."""
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(f"config must be an exfx.Config, got {type(config).__name__}")
-    rules: tuple[str, ...] = ("threshold", "ztest") if config is None else (config.rule,)
-    if config is not None:
-        if tuple(schedules) != DEFAULT_SCHEDULES:
-            raise ValueError("pass config (one rule and its schedule, config.samples) or schedules, not both")
-        schedules = (tuple(config.samples),)
-    starting_at_1 = [tuple(schedule) for schedule in schedules if schedule[0] < 2]
-    if starting_at_1:
-        raise ValueError(f"calibrate needs every schedule to start at 2 samples or more, got {starting_at_1}: the "
-                         "instrumented pass records the z-test statistic (a sample variance) at every checkpoint")
-    alphas = tuple(alphas)  # a numpy array too
-    bad_alphas = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a <= 0.5]
-    if not alphas or bad_alphas:
-        raise ValueError(f"alphas must be z-test levels in [0, 0.5], got {list(alphas)!r}")
-    if max_evals < 2:
-        raise ValueError(f"max_evals must be at least 2, got {max_evals!r}")
-    if confidence is not None and not 0.5 <= confidence < 1.0:
-        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
-    if sensitivity not in ("gradient", "mass"):
-        raise ValueError(f"sensitivity must be 'gradient' or 'mass', got {sensitivity!r}")
-    return rules, schedules, alphas
+    priced = {name: candidates(sample, schedules, alphas, rules, scales[name]) for name, sample in samples.items()}
+    return allocation_path(priced, dense)
 
 
 def _binary_search(path: Sequence[tuple[float, Any]], budget: float, max_evals: int,

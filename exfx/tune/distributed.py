@@ -55,8 +55,9 @@ from torch.utils._pytree import tree_map
 
 from exfx.api import Analysis
 from exfx.errors import DistributedError, ExfxError
-from exfx.tune.evaluation import Batch, Evaluation, Metric, run_batches, score_batches
+from exfx.tune.evaluation import Batch, Counts, Evaluation, Metric, run_batches, score_batches
 from exfx.tune.instrument import SiteSample
+from exfx.tune.options import check_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ class Ranks:
     def detect(cls, distributed: bool | None) -> Ranks:
         """The ranks to calibrate over: the default process group's (``distributed`` None: if initialised with
         more than one rank; True: it must be initialised), or this process alone (False)."""
-        if distributed is not None and not isinstance(distributed, bool):
-            raise ValueError(f"distributed must be True, False or None (detect), got {distributed!r}")
+        check_distributed(distributed)
         group = _process_group()
         if distributed and group is None:
             raise DistributedError("distributed=True, but torch.distributed is not initialised: call "
@@ -191,7 +191,9 @@ class Ranks:
         return everyone or []
 
     def check_arguments(self, arguments: Mapping[str, Any]) -> None:
-        """Raise on every rank if one passed a different argument than rank 0 (compared by ``repr``)."""
+        """Raise on every rank if one passed a different argument than rank 0 (compared by ``repr``).
+
+        ``arguments``: the budgets and :meth:`~exfx.tune.options.CalibrationOptions.rank_arguments`."""
         if not self.active:
             return
         everyone = self._all_gather({name: repr(value) for name, value in arguments.items()})
@@ -230,22 +232,21 @@ class Ranks:
         """:func:`~exfx.tune.evaluation.evaluate` over every rank's data: FLOPs summed, outputs scored on rank 0.
 
         Rank 0's result holds all outputs and targets; the others' hold none."""
-        outputs, targets, executed, dense = run_batches(module, data, desc=desc, progress=progress)
+        outputs, targets, counts = run_batches(module, data, desc=desc, progress=progress)
         if not self.active:
-            return score_batches(outputs, targets, executed, dense, metric)
-        flops = torch.tensor([executed, dense], dtype=torch.int64)
-        dist.all_reduce(flops)
-        executed, dense = int(flops[0]), int(flops[1])
+            return score_batches(outputs, targets, counts, metric)
+        counts = _all_reduced(counts)
         parts = self._gather((_on_cpu(outputs), _on_cpu(targets)))
         scored: list[Evaluation] = []
 
         def score() -> float:
             scored.append(score_batches([o for outs, _ in parts for o in outs], [t for _, ts in parts for t in ts],
-                                        executed, dense, metric))
+                                        counts, metric))
             return scored[0].score
 
         value = self.on_first(score)
-        return scored[0] if scored else Evaluation(score=value, executed=executed, dense=dense)
+        return scored[0] if scored else Evaluation(score=value, executed=counts.executed, dense=counts.dense,
+                                                   keep=counts.keep)
 
     def merge_samples(self, samples: dict[str, SiteSample]) -> dict[str, SiteSample]:
         """Every rank's records, concatenated in rank order, on rank 0 (empty on the others)."""
@@ -282,3 +283,15 @@ def _portable(error: Exception) -> Exception:
         return error
     except Exception:  # any pickling failure: send the text instead
         return ExfxError(f"rank 0 failed: {error!r}")
+
+
+def _all_reduced(counts: Counts) -> Counts:
+    """Every rank's counts summed (every rank runs the same compiled module, so it counts the same sites)."""
+    names = sorted(counts.neurons)
+    values = [counts.executed, counts.dense] + [v for name in names for v in (counts.neurons[name],
+                                                                             counts.pruned[name])]
+    total = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(total)
+    summed = [int(v) for v in total]
+    return Counts(summed[0], summed[1], {name: summed[2 + 2 * i] for i, name in enumerate(names)},
+                  {name: summed[3 + 2 * i] for i, name in enumerate(names)})

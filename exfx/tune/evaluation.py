@@ -22,17 +22,18 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from exfx.api import Analysis, analyse
-from exfx.capture import normalise_inputs
+from exfx.capture import CaptureOptions, normalise_inputs
 from exfx.config import Config, Plan, SiteParams
 from exfx.meta import SiteMatch
-from exfx.cost.flops import run_counting
+from exfx.cost.flops import FlopReport, run_counting
 from exfx.cost.model import op_arguments, site_cost
 from exfx.errors import ExfxError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "Metric", "Batch", "evaluate", "drop_bound", "oracle", "split_batch", "concat_batches",
-           "select_examples", "count_examples", "tracing_options", "analysis_of", "quiet", "plan_for", "tunable_sites",
+__all__ = ["Evaluation", "Counts", "Metric", "Batch", "evaluate", "drop_bound", "oracle", "split_batch",
+           "concat_batches",
+           "select_examples", "count_examples", "analysis_of", "quiet", "plan_for", "tunable_sites",
            "check_budget", "run_batches", "score_batches",
            "with_calibration_record"]
 
@@ -44,17 +45,40 @@ Batch = Any
 
 @dataclass
 class Evaluation:
-    """One full pass over the data: the metric and the FLOPs actually executed."""
+    """One full pass over the data: the metric, the FLOPs actually executed, and each site's measured keep ratio."""
 
     score: float
     executed: int
     dense: int
     outputs: Any = field(default=None, repr=False)  # all outputs and targets, concatenated along dim 0
     targets: Any = field(default=None, repr=False)
+    keep: dict[str, float] = field(default_factory=dict)  # site -> share of its neurons kept (not pruned)
 
     @property
     def reduction(self) -> float:
         return 1.0 - self.executed / self.dense if self.dense else 0.0
+
+
+@dataclass
+class Counts:
+    """What a pass over the data executed: FLOPs in all, and each site's neurons and pruned neurons."""
+
+    executed: int = 0
+    dense: int = 0
+    neurons: dict[str, int] = field(default_factory=dict)
+    pruned: dict[str, int] = field(default_factory=dict)
+
+    def add(self, flops: FlopReport) -> None:
+        self.executed += flops.executed
+        self.dense += flops.dense
+        for name, site in flops.sites.items():
+            self.neurons[name] = self.neurons.get(name, 0) + site.neurons
+            self.pruned[name] = self.pruned.get(name, 0) + site.pruned
+
+    @property
+    def keep(self) -> dict[str, float]:
+        """Site -> the share of its neurons kept, over every call counted (sites that ran no neuron left out)."""
+        return {name: 1.0 - self.pruned[name] / n for name, n in self.neurons.items() if n}
 
 
 # Outputs and targets of the batches are combined along dim 0 when they are tensors, numpy arrays or
@@ -128,27 +152,17 @@ def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confide
     return float(torch.tensor(drops).quantile(confidence))
 
 
-_TRACING_KEYS = ("leaf_modules", "concrete_args", "hidden_inputs", "capture")
-
-
-def tracing_options(tracing: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The capture options of :func:`exfx.compile` that every internal compile and analysis must share."""
-    options = dict(tracing or {})
-    unknown = sorted(set(options) - set(_TRACING_KEYS))
-    if unknown:
-        raise ValueError(f"tracing takes the capture options of exfx.compile {list(_TRACING_KEYS)}, got {unknown}")
-    return options
-
-
 def analysis_of(model: torch.nn.Module | Analysis, example_inputs: Any,
-                tracing: Mapping[str, Any] | None = None) -> Analysis:
-    """The analysis a tuner compiles every plan from: ``model`` itself when it is one, else ``exfx.analyse``."""
+                capture_options: CaptureOptions | Mapping[str, Any] | None = None) -> Analysis:
+    """The analysis a tuner compiles every plan from: ``model`` itself when it is one, else ``exfx.analyse``
+    with ``capture_options`` (an :class:`exfx.CaptureOptions` or a dict of its fields)."""
+    options = CaptureOptions.of(capture_options)
     if isinstance(model, Analysis):
-        if tracing:
-            raise ValueError("tracing options apply to capture, and this exfx.Analysis is captured already; "
+        if not options.is_default:
+            raise ValueError("capture_options apply to capture, and this exfx.Analysis is captured already; "
                              "pass them to exfx.analyse instead")
         return model
-    return analyse(model, normalise_inputs(example_inputs), **tracing_options(tracing))
+    return analyse(model, normalise_inputs(example_inputs), capture_options=options)
 
 
 def split_batch(batch: Batch) -> tuple[tuple[Any, ...], Any]:
@@ -165,26 +179,25 @@ def evaluate(module: torch.nn.Module, data: Iterable[Batch], metric: Metric, *, 
 
 
 def run_batches(module: torch.nn.Module, data: Iterable[Batch], *, desc: str = "evaluate",
-                progress: bool | None = None) -> tuple[list[Any], list[Any], int, int]:
-    """Run ``module`` over ``data``: each batch's outputs and targets, and the executed and dense FLOPs in all."""
-    outputs, targets, executed, dense = [], [], 0, 0
+                progress: bool | None = None) -> tuple[list[Any], list[Any], Counts]:
+    """Run ``module`` over ``data``: each batch's outputs and targets, and what the whole pass executed."""
+    outputs, targets, counts = [], [], Counts()
     for batch in tqdm(data, desc=desc, disable=quiet(progress), leave=False):
         inputs, target = split_batch(batch)
         output, flops = run_counting(module, *inputs)
         outputs.append(output)
         targets.append(target)
-        executed += flops.executed
-        dense += flops.dense
-    return outputs, targets, executed, dense
+        counts.add(flops)
+    return outputs, targets, counts
 
 
-def score_batches(outputs: list[Any], targets: list[Any], executed: int, dense: int, metric: Metric) -> Evaluation:
+def score_batches(outputs: list[Any], targets: list[Any], counts: Counts, metric: Metric) -> Evaluation:
     """The :class:`Evaluation` of the batches' ``outputs`` and ``targets``, combined along dim 0 and scored once."""
     if not outputs:
         raise ExfxError("calibration data is empty")
     outputs, targets = concat_batches(outputs), concat_batches(targets)
-    return Evaluation(score=float(metric(outputs, targets)), executed=executed, dense=dense, outputs=outputs,
-                      targets=targets)
+    return Evaluation(score=float(metric(outputs, targets)), executed=counts.executed, dense=counts.dense,
+                      outputs=outputs, targets=targets, keep=counts.keep)
 
 
 def quiet(progress: bool | None) -> bool | None:
@@ -208,13 +221,14 @@ class _NegativeCounter(fx.Interpreter):
 
 
 def oracle(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
-           samples: int = 32, progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> Evaluation:
+           samples: int = 32, progress: bool | None = None,
+           capture_options: CaptureOptions | Mapping[str, Any] | None = None) -> Evaluation:
     """The oracle bound: every truly non-positive neuron stops after its first ``samples`` units, at no cost
     in accuracy and with no test overhead. Its score is the model's own (the analysed graph's, when ``model``
-    is an :class:`~exfx.api.Analysis`). ``tracing`` as for :func:`exfx.calibrate`."""
+    is an :class:`~exfx.api.Analysis`). ``capture_options`` as for :func:`exfx.calibrate`."""
     data = list(data)
-    analysis = analysis_of(model, example_inputs, tracing)
-    never = analysis.compile(Config(threshold=-math.inf, samples=samples))
+    analysis = analysis_of(model, example_inputs, capture_options)
+    never = analysis.compile(Config(threshold=-math.inf, samples=samples), lowering="reference")
     dense_model = analysis.graph_module if isinstance(model, Analysis) else model
     dense = evaluate(dense_model, data, metric, desc="exfx oracle", progress=progress)
     skipped = 0
@@ -243,21 +257,19 @@ def tunable_sites(analysis: Analysis, schedules: Sequence[tuple[int, ...]]) -> l
     return [s for s in analysis.sites if s.eligible and (s.fan_in or 0) >= shortest]
 
 
-def check_budget(budget: float, schedules: Sequence[tuple[int, ...]]) -> float:
-    """The budget as a Python float (numpy scalars too), after checking it and the schedules."""
+def check_budget(budget: float) -> float:
+    """The budget as a Python float (numpy scalars too), after checking it."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be an absolute metric drop in [0, 1), got {budget!r}")
-    if not schedules:
-        raise ValueError("schedules must name at least one checkpoint schedule")
-    for schedule in schedules:
-        SiteParams(samples=schedule)  # validates: positive, strictly increasing
     return float(budget)
 
 
 def with_calibration_record(plan: Plan, baseline: Evaluation, result: Evaluation, evals: int, started: float,
                             budget: float, lam: float, budgets: tuple[float, ...] | None = None) -> Plan:
     """A copy of ``plan`` whose ``meta["calibration"]`` records how it was found (see :func:`exfx.calibrate`)."""
-    plan = Plan(sites=dict(plan.sites), signatures=dict(plan.signatures), meta=dict(plan.meta))
+    enabled = {name for name, params in plan.sites.items() if params.enabled}
+    plan = Plan(sites=dict(plan.sites), signatures=dict(plan.signatures), meta=dict(plan.meta),
+                keep={name: ratio for name, ratio in result.keep.items() if name in enabled})
     plan.meta["calibration"] = {
         "evals": evals, "seconds": time.perf_counter() - started, "baseline": baseline.score,
         "score": result.score, "reduction": result.reduction, "budget": budget,

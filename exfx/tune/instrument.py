@@ -149,7 +149,7 @@ def instrument(analysis: Analysis, data: Iterable[Batch], checkpoints: Mapping[s
     the whole set's."""
     # Never-pruning (alpha 0) at the searched sites, dense at the others, as in every trial.
     never = {name: SiteParams(rule="ztest", alpha=0.0, samples=ks) for name, ks in checkpoints.items()}
-    probe = analysis.compile(plan_for(analysis.signatures, never))
+    probe = analysis.compile(plan_for(analysis.signatures, never), lowering="reference")
     samples: dict[str, SiteSample] = {}
     batches = list(data) if not isinstance(data, (list, tuple)) else data
     per_batch = max(1, max_neurons // max(1, total_batches or len(batches)))

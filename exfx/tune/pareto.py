@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from exfx.api import Analysis
+from exfx.capture import CaptureOptions
 from exfx.tune.evaluation import Evaluation, analysis_of, evaluate
 from exfx.config import Config
 
@@ -31,18 +32,20 @@ Curve = list[tuple[float, float]]
 
 def sweep(model: torch.nn.Module | Analysis, example_inputs: tuple[Any, ...] | None, data: Iterable[Any],
           metric: Callable[[Any, Any], float], *, thresholds: Sequence[float] = THRESHOLDS,
-          alphas: Sequence[float] = ALPHAS, samples: int = 32) -> dict[str, Curve]:
+          alphas: Sequence[float] = ALPHAS, samples: int = 32,
+          capture_options: CaptureOptions | Mapping[str, Any] | None = None) -> dict[str, Curve]:
     """``{"threshold": [...], "ztest": [...]}`` of (executed FLOPs per example, score), one point per setting.
 
-    Every setting is compiled from one analysis (``model`` itself, when it is an :class:`exfx.Analysis`)."""
+    Every setting is compiled from one analysis (``model`` itself, when it is an :class:`exfx.Analysis`);
+    ``capture_options`` as for :func:`exfx.calibrate`."""
     data = list(data)
-    analysis = analysis_of(model, example_inputs)
+    analysis = analysis_of(model, example_inputs, capture_options)
     examples = sum(len(target) for _, target in data)
     settings = [("threshold", Config(threshold=t, samples=samples)) for t in thresholds]
     settings += [("ztest", Config(rule="ztest", alpha=a, samples=samples)) for a in alphas]
     curves: dict[str, Curve] = {"threshold": [], "ztest": []}
     for rule, config in settings:
-        result = evaluate(analysis.compile(config), data, metric, progress=False)
+        result = evaluate(analysis.compile(config, lowering="reference"), data, metric, progress=False)
         curves[rule].append((result.executed / examples, result.score))
     return curves
 

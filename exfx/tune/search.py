@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from exfx.api import Analysis
+from exfx.capture import CaptureOptions
 from exfx.config import Plan, SiteParams
-from exfx.tune.calibration import DEFAULT_SCHEDULES
 from exfx.tune import evaluation
 from exfx.tune.evaluation import Batch, Metric
+from exfx.tune.options import DEFAULT_SCHEDULES, check_schedules
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +31,32 @@ __all__ = ["random_search"]
 
 def random_search(model: torch.nn.Module | Analysis, example_inputs: Any, data: Iterable[Batch], metric: Metric,
                   budget: float = 0.001, *, evals: int = 120, schedules: Sequence[tuple[int, ...]] = DEFAULT_SCHEDULES,
-                  seed: int = 0, progress: bool | None = None, tracing: Mapping[str, Any] | None = None) -> Plan:
+                  seed: int = 0, progress: bool | None = None,
+                  capture_options: CaptureOptions | Mapping[str, Any] | None = None) -> Plan:
     """Blind random search over per-site parameters (the baseline :func:`calibrate` is compared with).
 
     Each trial gives every site, independently: disabled (probability 0.2), or a
     random schedule with either the threshold rule (``T = -10**u``,
     ``u ~ U(-4, 1)``) or the z-test (``alpha ~ U(0, 0.5)``). Each trial is one full
     evaluation; the plan with the fewest executed FLOPs within ``budget`` wins.
-    The arguments and ``plan.meta["calibration"]`` are as for :func:`calibrate`.
+    The arguments (``schedules``, ``seed``, ``progress``, ``capture_options``: the
+    :class:`exfx.CalibrationOptions` fields of those names) and ``plan.meta["calibration"]``
+    are as for :func:`calibrate`.
     """
     started = time.perf_counter()
-    budget = evaluation.check_budget(budget, schedules)
+    budget = evaluation.check_budget(budget)
+    schedules = check_schedules(schedules)
     data = data if isinstance(data, (list, tuple)) else list(data)
-    analysis = evaluation.analysis_of(model, example_inputs, tracing)
+    analysis = evaluation.analysis_of(model, example_inputs, capture_options)
     sites, signatures = evaluation.tunable_sites(analysis, schedules), analysis.signatures
-    baseline = evaluation.evaluate(analysis.compile(evaluation.plan_for(signatures)), data, metric,
-                                   desc="exfx random search: baseline", progress=progress)
+    baseline = evaluation.evaluate(analysis.compile(evaluation.plan_for(signatures), lowering="reference"), data,
+                                   metric, desc="exfx random search: baseline", progress=progress)
     rng = random.Random(seed)
     best: tuple[Plan, evaluation.Evaluation] = (evaluation.plan_for(signatures), baseline)
     found = False
     for _ in tqdm(range(evals), desc="exfx random search", disable=evaluation.quiet(progress), leave=False):
         plan = evaluation.plan_for(signatures, {s.name: _random_params(rng, s.fan_in or 0, schedules) for s in sites})
-        result = evaluation.evaluate(analysis.compile(plan), data, metric, progress=False)
+        result = evaluation.evaluate(analysis.compile(plan, lowering="reference"), data, metric, progress=False)
         if baseline.score - result.score <= budget + 1e-12 and (not found or result.executed < best[1].executed):
             best, found = (plan, result), True
     return evaluation.with_calibration_record(best[0], baseline, best[1], evals + 1, started, budget, math.inf)
