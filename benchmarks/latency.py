@@ -9,7 +9,8 @@ Cases (all in one process):
   at k = 32 units, threshold rule. The threshold is set on 8 random inputs so that
   fc1 keeps 50% or 30% of its neurons (``keep`` is what the timed input keeps).
   ``x`` is declared a hidden input, so fc1 is a site and fc2 its consumer.
-- ``ffn-net``: a 3-block pre-LN FFN network (1024 -> 4096 -> 1024, residual, random init) that no one tuned,
+- ``ffn-net``: a token embedding and 3 pre-LN FFN blocks (1024 -> 4096 -> 1024, residual, random init) that no
+  one tuned,
   through the *default* ``exfx.compile`` (no ``lowering`` argument, the default ``Config``), compiled at batch 1
   and at batch 64, each run at batches 1, 8, 64 and 256 (per-call dispatch: "never slower at any batch").
 - ``digits-mlp``: a new user's own MLP (64 -> 512 -> 512 -> 512 -> 10) trained here on scikit-learn's digits
@@ -218,16 +219,23 @@ def _measure(name: str, model: nn.Module, native: nn.Module, reference: nn.Modul
 
 
 class FFNNet(nn.Module):
-    """``blocks`` pre-LN residual FFN blocks ``h + fc2(relu(fc1(ln(h))))`` and a small head."""
+    """A token embedding, ``blocks`` pre-LN residual FFN blocks ``h + fc2(relu(fc1(ln(h))))`` and a small head.
 
-    def __init__(self, d_model: int = 1024, hidden: int = 4096, blocks: int = 3, classes: int = 10) -> None:
+    The embedding makes the residual stream a hidden layer (its features exchangeable), as in a language model;
+    a raw model input would pin fc1's contraction axis.
+    """
+
+    def __init__(self, d_model: int = 1024, hidden: int = 4096, blocks: int = 3, classes: int = 10,
+                 vocabulary: int = 1000) -> None:
         super().__init__()
+        self.embed = nn.Embedding(vocabulary, d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(blocks))
         self.fc1 = nn.ModuleList(nn.Linear(d_model, hidden) for _ in range(blocks))
         self.fc2 = nn.ModuleList(nn.Linear(hidden, d_model) for _ in range(blocks))
         self.head = nn.Linear(d_model, classes)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
         for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
             h = h + fc2(torch.relu(fc1(norm(h))))
         return self.head(h)
@@ -263,7 +271,7 @@ def _any_batch_cases(name: str, model: nn.Module, make: Callable[[int], torch.Te
 def _ffn_net_cases(threads: int, repeats: int, flush: _Flush) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = FFNNet().eval()
-    return _any_batch_cases("ffn-net 3x(1024->4096)", model, lambda b: torch.randn(b, 1024), None, threads,
+    return _any_batch_cases("ffn-net 3x(1024->4096)", model, lambda b: torch.randint(0, 1000, (b,)), None, threads,
                             repeats, flush, "default Config (threshold 0, 32 samples)")
 
 

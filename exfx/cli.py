@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from exfx.meta import REPORT_KEY
 from exfx.passes.annotate_pass import LOWERINGS
 from exfx.ci.graphdiff import UPDATE_ENV
 from exfx.report import Report
+from exfx.tune.evaluation import budget_error, check_budget
 from exfx.ci.spec import DEFAULT_SPEC, load_spec
 
 #: The options that make a Config (every command but demo takes them).
@@ -57,12 +57,9 @@ def _samples(text: str) -> tuple[int, ...]:
 
 def _budget(text: str) -> float:
     try:
-        budget = float(text)
-    except ValueError:
-        budget = math.nan
-    if not 0.0 <= budget < 1.0:
-        raise argparse.ArgumentTypeError(f"--budget is an accuracy drop in [0, 1) such as 0.01 (1 point), got {text!r}")
-    return budget
+        return check_budget(float(text))
+    except ValueError:  # not a number, or out of range
+        raise argparse.ArgumentTypeError(budget_error(text, "--budget")) from None
 
 
 def _config(args: argparse.Namespace) -> exfx.Config:

@@ -2,7 +2,8 @@
 
 Every error exfx raises on bad input derives from :class:`ExfxError`, names the
 node, site or field at fault, and says what to do about it. Catch ``ExfxError``
-to handle them all.
+to handle them all. Every warning derives from :class:`ExfxWarning` (a
+``UserWarning``): filter that one to silence them all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __all__ = [
     "PlanError",
     "PlanMismatchError",
     "DistributedError",
+    "ExfxWarning",
 ]
 
 
@@ -50,3 +52,8 @@ class PlanMismatchError(PlanError):
 class DistributedError(ExfxError):
     """The ranks of a ``torch.distributed`` calibration disagree (an argument, the model) or one has no data;
     the message names the rank and the field."""
+
+
+class ExfxWarning(UserWarning):
+    """exfx went on, but the result may not be what was meant: e.g. :func:`exfx.calibrate` found no
+    site to tune (the message gives each ReLU's reason); :class:`exfx.PruneWarning` derives from it."""

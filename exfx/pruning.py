@@ -67,6 +67,7 @@ from exfx.capture import normalise_inputs
 from exfx.meta import GROUPS_KEY, SITE_KEY
 from exfx.passes.attributes import owner_of
 from exfx.passes.snp_pass import ConsumerFold, LayerEdit, SnpPass
+from exfx.report import reason_lines
 from exfx.snp.errors import PruneError, PruneWarning
 from exfx.snp.layers import PrunableLayer, find_prunable_layers
 from exfx.snp.magnitude import magnitude_prune
@@ -275,8 +276,8 @@ def prune(model: torch.nn.Module | AnalysedModel, example_inputs: Any, data: Ite
 
     Raises:
         exfx.snp.PruneError: a bad argument (named), no data where data is needed, or NaN/inf statistics
-            (the layer is named). A model with no prunable layer is not an error: the report says why
-            for every ReLU.
+            (the layer is named). A model with no prunable layer is not an error: it is returned
+            unchanged, with a :class:`PruneWarning` (and the report) saying why for every ReLU.
     """
     start = time.perf_counter()
     _check_arguments(method, ratio, keep_variance, order, ridge, round_to)
@@ -337,6 +338,15 @@ def prune_analysed(analysis: AnalysedModel, example_inputs: Any, data: Iterable[
         seconds=time.perf_counter() - start)
     if not layers:
         logger.info("snp: no prunable layer in %s; returning it unchanged\n%s", analysis.model_name, report)
+        warnings.warn(PruneWarning(_nothing_to_prune(analysis.model_name, report.refused)), stacklevel=3)
     else:
         logger.info("snp: %s", report)
     return pruned, report
+
+
+def _nothing_to_prune(model_name: str, refused: Sequence[RefusedAxis]) -> str:
+    """Why :func:`prune` returns the model unchanged: each ReLU's reason, or that there is none."""
+    if not refused:
+        return f"exfx.prune: {model_name} has no ReLU whose units could be pruned; it is returned unchanged"
+    return (f"exfx.prune: no layer of {model_name} can be pruned, so it is returned unchanged; why, per ReLU:\n"
+            f"{reason_lines((r.name, r.reason) for r in refused)}")

@@ -27,7 +27,7 @@ from exfx.meta import RELU_FAMILY, SiteDecision, SiteMatch, lowering
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteInfo", "Report", "find_site", "lowering_rows", "lowering_summary"]
+__all__ = ["SiteInfo", "Report", "find_site", "lowering_rows", "lowering_summary", "reason_lines"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,16 @@ def lowering_summary(report: Report) -> str:
         verb = "runs" if len(names) == 1 else "run"
         parts.append(f"{len(names)} {verb} {'on the reference ops' if form == 'reference' else form}{because}")
     return "; ".join(parts)
+
+
+def reason_lines(reasons: Iterable[tuple[str, str]], limit: int = 12) -> str:
+    """``name: reason`` pairs as indented lines, for a warning that says why nothing was done; beyond
+    ``limit`` pairs, a last line counts the rest."""
+    reasons = list(reasons)
+    lines = [f"  {name}: {reason}" for name, reason in reasons[:limit]]
+    if len(reasons) > limit:
+        lines.append(f"  ... and {len(reasons) - limit} more")
+    return "\n".join(lines)
 
 
 def _first_clause(reason: str) -> str:

@@ -288,13 +288,28 @@ def test_config_restricts_the_search_to_its_rule_and_schedule(task, rule):
 def test_model_without_sites_gives_an_empty_plan():
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     data = [(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))]
-    plan = exfx.calibrate(model, (torch.randn(2, 4),), data, _accuracy)
+    with pytest.warns(exfx.ExfxWarning, match="Sequential has no activation, so no site to tune"):
+        plan = exfx.calibrate(model, (torch.randn(2, 4),), data, _accuracy)
     assert plan.sites == {} and plan.meta["calibration"]["evals"] == 1
+
+
+def test_no_site_to_tune_warns_with_each_activations_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
+    x = torch.randn(40, 32)
+    data = [(x, model(x).argmax(-1))]
+    with pytest.warns(exfx.ExfxWarning, match=r"(?s)no site of Sequential can be tuned.*"
+                                              r"  0: contraction axis is a model input \(`\w+`\)\n"
+                                              r"  2: fan-in 48 < 64, the last checkpoint of the shortest schedule"):
+        plans = exfx.calibrate_budgets(model, (x[:2],), data, _accuracy, (0.0, 0.01), schedules=((64,),))
+    assert all(p.sites == {"2": exfx.SiteParams(enabled=False)} for p in plans.values())
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"budget": -0.1}, ValueError, "budget"),
     ({"budget": 1.5}, ValueError, "budget"),
+    ({"budget": 5}, ValueError, r"^budget must be an absolute metric drop in \[0, 1\) \(0\.01 = 1 point, "
+                                r"0\.001 = 0\.1 point\), got 5$"),
     ({"budget": float("nan")}, ValueError, "budget"),
     ({"budget": True}, ValueError, "budget"),
     ({"schedules": ()}, ValueError, "schedules"),

@@ -148,7 +148,8 @@ def test_demo_budget_is_checked_before_running(budget, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--budget", budget])
     assert exit_info.value.code == 2
-    assert "--budget is an accuracy drop in [0, 1)" in capsys.readouterr().err
+    assert f"--budget must be an absolute metric drop in [0, 1) (0.01 = 1 point, 0.001 = 0.1 point), got {budget!r}" \
+        in capsys.readouterr().err
 
 
 def test_spec_module_in_the_current_directory(tmp_path, monkeypatch, capsys):

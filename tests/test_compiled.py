@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import exfx
 
+from models import MLP
+
 NEVER = exfx.Config(threshold=-math.inf, samples=16)
 
 
@@ -85,3 +87,31 @@ def test_a_deep_copy_keeps_the_checks(compiled):
     assert twin.exfx_inputs == gm.exfx_inputs
     with pytest.raises(exfx.UnsupportedModelError, match="dtype torch.float64"):
         twin(x.double(), shift)
+
+
+INFERENCE_ONLY = "exfx compiled modules are for inference.*train the original model"
+
+
+@pytest.mark.parametrize("lowering", ["reference", "native"])
+def test_backward_through_a_compiled_module_says_it_is_inference_only(lowering):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()  # weights require grad, as by default
+    x, shift = torch.randn(3, 16), torch.randn(64)
+    gm = exfx.compile(model, (x, shift), exfx.Config(samples=16), lowering=lowering)
+    out = gm(x, shift)
+    assert out.requires_grad  # as the original's would
+    with pytest.raises(exfx.ExfxError, match=INFERENCE_ONLY + ".*torch.no_grad"):
+        out.sum().backward()
+    assert all(p.grad is None for p in gm.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, shift), out.detach())
+
+
+def test_backward_through_a_reference_op_names_its_site():
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(8, 20)
+    gm = exfx.compile(model, (x,), exfx.Config(samples=8), lowering="reference")
+    assert any("exfx.complete" in str(n.target) for n in gm.graph.nodes)
+    with pytest.raises(exfx.ExfxError, match=r"for inference: backward through site 'net\.3' \(exfx::complete\) "
+                                             r"is not supported.*train the original model"):
+        gm.forward(x).sum().backward()  # the graph itself, without the module's call

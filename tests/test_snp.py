@@ -347,7 +347,8 @@ def test_fewer_samples_than_units_warns_with_the_numbers_and_still_prunes() -> N
 def test_a_model_with_no_prunable_axis_is_returned_whole_with_the_reasons() -> None:
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).eval()
     x = torch.randn(4, 6)
-    pruned, report = prune(model, (x,), _data((6,), batches=1), ratio=0.5)
+    with pytest.warns(PruneWarning, match=r"no layer of Sequential can be pruned.*\n  0: pinned: model output"):
+        pruned, report = prune(model, (x,), _data((6,), batches=1), ratio=0.5)
     assert report.layers == () and len(report.refused) == 1
     assert "model output" in report.refused[0].reason
     torch.testing.assert_close(_run(pruned, x), _run(model, x))

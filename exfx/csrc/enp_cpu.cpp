@@ -453,12 +453,13 @@ std::vector<int64_t> nonzero_units(const float* x, int64_t rows, int64_t feature
 }
 
 at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& w_t, const std::optional<at::Tensor>& bias,
-                               int64_t max_rows) {
+                               int64_t max_rows, const std::optional<at::Tensor>& weight) {
   check_float_cpu(x, "x");
   check_float_cpu(w_t, "w_t");
   if (max_rows >= 0 && x.dim() >= 1 && x.size(-1) > 0 && x.numel() / x.size(-1) > max_rows) {
-    // Per-call dispatch: past the crossover measured at compile time, the dense product is faster.
-    return at::linear(x, w_t.t(), bias);
+    // Per-call dispatch: past the crossover measured at compile time, the dense product is faster (with the
+    // layer's own [out, in] weight when given: the very call the dense layer makes).
+    return weight.has_value() ? at::linear(x, *weight, bias) : at::linear(x, w_t.t(), bias);
   }
   TORCH_CHECK(w_t.dim() == 2 && x.dim() >= 1 && x.size(-1) == w_t.size(0), "exfx::sparse_input_linear: x has ",
               x.dim() >= 1 ? x.size(-1) : 0, " features but w_t is ", w_t.sizes(),
@@ -527,7 +528,7 @@ TORCH_LIBRARY_FRAGMENT(exfx, m) {
   m.def(
       "enp_linear(Tensor x, Tensor head, Tensor tail, Tensor? bias, Tensor? residual, int count, int n_units, "
       "str rule, float cutoff, bool relu=False, Tensor? weight=None, int max_rows=-1) -> (Tensor, Tensor)");
-  m.def("sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1) -> Tensor");
+  m.def("sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1, Tensor? weight=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exfx, CPU, m) {

@@ -84,7 +84,8 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "enp_cpu.cpp"
 _ENP_SCHEMA = ("enp_linear(Tensor x, Tensor head, Tensor tail, Tensor? bias, Tensor? residual, int count, "
                "int n_units, str rule, float cutoff, bool relu=False, Tensor? weight=None, int max_rows=-1) "
                "-> (Tensor, Tensor)")
-_SPARSE_SCHEMA = "sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1) -> Tensor"
+_SPARSE_SCHEMA = ("sparse_input_linear(Tensor x, Tensor w_t, Tensor? bias, int max_rows=-1, Tensor? weight=None) "
+                  "-> Tensor")
 
 
 class NativeUnavailableWarning(UserWarning):
@@ -201,10 +202,11 @@ def _enp_linear_torch(x: Tensor, head: Tensor, tail: Tensor, bias: Tensor | None
     return (torch.relu(out) if relu else out), keep
 
 
-def _sparse_input_linear_torch(x: Tensor, w_t: Tensor, bias: Tensor | None, max_rows: int = -1) -> Tensor:
+def _sparse_input_linear_torch(x: Tensor, w_t: Tensor, bias: Tensor | None, max_rows: int = -1,
+                               weight: Tensor | None = None) -> Tensor:
     """The fallback kernel: a matmul over the input units that are non-zero in some row (dense past max_rows)."""
     if runs_dense(x, max_rows):
-        return F.linear(x, w_t.t(), bias)
+        return F.linear(x, w_t.t() if weight is None else weight, bias)
     flat = x.reshape(-1, w_t.shape[0])
     units = (flat != 0).any(0).nonzero().squeeze(1)
     out = flat.new_zeros(flat.shape[0], w_t.shape[1]) if bias is None else bias.expand(flat.shape[0], -1).clone()
@@ -287,8 +289,9 @@ def _build() -> None:
                        "later runs load them from %s)", name, _build_directory(name))
     load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False,
          verbose=False)
-    log = logger.info if built else logger.warning
-    log("exfx: native kernels %s ready in %.1f s", name, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log = logger.warning if not built or seconds > 2.0 else logger.info  # a (re)build: say what the wait was
+    log("exfx: native kernels %s ready in %.1f s", name, seconds)
 
 
 def _build_directory(name: str) -> Path:
@@ -317,7 +320,7 @@ def _register_fake() -> None:
         return x.new_empty(shape), x.new_empty(shape, dtype=torch.bool)
 
     @torch.library.register_fake("exfx::sparse_input_linear")
-    def _sparse_fake(x, w_t, bias, max_rows=-1):
+    def _sparse_fake(x, w_t, bias, max_rows=-1, weight=None):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 

@@ -9,7 +9,7 @@ example when a layer saw fewer samples than it has units.
 
 from __future__ import annotations
 
-from exfx.errors import ExfxError
+from exfx.errors import ExfxError, ExfxWarning
 
 __all__ = ["PruneError", "PruneWarning"]
 
@@ -18,5 +18,6 @@ class PruneError(ExfxError):
     """Static pruning cannot proceed: a bad argument, no data, or non-finite statistics in a named layer."""
 
 
-class PruneWarning(UserWarning):
-    """Static pruning went on, but a layer's statistics are weak (e.g. fewer samples than units)."""
+class PruneWarning(ExfxWarning):
+    """Static pruning went on, but the result may be poor: a layer's statistics are weak (e.g. fewer samples
+    than units), or no layer could be pruned at all (the message gives each ReLU's reason)."""

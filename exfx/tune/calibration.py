@@ -57,6 +57,7 @@ import logging
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +67,8 @@ from tqdm.auto import tqdm
 
 from exfx.api import Analysis
 from exfx.config import Config, Plan, SiteParams
+from exfx.errors import ExfxWarning
+from exfx.report import reason_lines
 from exfx.tune.evaluation import (
     Batch,
     Evaluation,
@@ -185,6 +188,7 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
                               desc="exfx calibrate: baseline",
                               progress=progress)
     if not sites:
+        warnings.warn(ExfxWarning(_no_site_message(analysis, schedules)), stacklevel=3)
         unpruned = [with_calibration_record(plan_for(signatures), baseline, baseline, 1, started, budget, math.inf,
                                             budgets) for budget in budgets]
         return ranks.on_first(lambda: unpruned)
@@ -224,6 +228,18 @@ def _calibrate(model: torch.nn.Module | Analysis, example_inputs: Any, data: Ite
                                           path[index][0], budgets)
              for budget, index in zip(budgets, found)]
     return ranks.on_first(lambda: plans)  # rank 0's, so that every rank returns the very same plans
+
+
+def _no_site_message(analysis: Analysis, schedules: Sequence[tuple[int, ...]]) -> str:
+    """Why calibration has nothing to tune: each activation's reason, or that there is none."""
+    shortest = min(schedule[-1] for schedule in schedules)
+    reasons = [(s.name, s.reason if not s.eligible else f"fan-in {s.fan_in} < {shortest}, the last checkpoint of "
+                f"the shortest schedule") for s in analysis.sites]
+    if not reasons:
+        return (f"exfx.calibrate: {analysis.model_name} has no activation, so no site to tune; the plan leaves "
+                f"the model as it is")
+    return (f"exfx.calibrate: no site of {analysis.model_name} can be tuned, so the plan leaves the model as it "
+            f"is; why, per activation:\n{reason_lines(reasons)}")
 
 
 def _price(samples: Mapping[str, SiteSample], schedules: Sequence[tuple[int, ...]], alphas: Sequence[float],

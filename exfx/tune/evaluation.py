@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Evaluation", "Counts", "Metric", "Batch", "evaluate", "drop_bound", "oracle", "split_batch",
            "concat_batches",
            "select_examples", "count_examples", "analysis_of", "quiet", "plan_for", "tunable_sites",
-           "check_budget", "run_batches", "score_batches",
+           "check_budget", "budget_error", "run_batches", "score_batches",
            "with_calibration_record"]
 
 #: ``metric(outputs, targets) -> float``, higher is better.
@@ -260,8 +260,13 @@ def tunable_sites(analysis: Analysis, schedules: Sequence[tuple[int, ...]]) -> l
 def check_budget(budget: float) -> float:
     """The budget as a Python float (numpy scalars too), after checking it."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0.0 <= budget < 1.0:
-        raise ValueError(f"budget must be an absolute metric drop in [0, 1), got {budget!r}")
+        raise ValueError(budget_error(budget))
     return float(budget)
+
+
+def budget_error(given: Any, name: str = "budget") -> str:
+    """What a budget must be, and what was given: the one message of the API and the CLI (``name="--budget"``)."""
+    return f"{name} must be an absolute metric drop in [0, 1) (0.01 = 1 point, 0.001 = 0.1 point), got {given!r}"
 
 
 def with_calibration_record(plan: Plan, baseline: Evaluation, result: Evaluation, evals: int, started: float,
