@@ -12,10 +12,11 @@ chained, instead of a bare traceback from deep inside torch.
 
 A compiled module is for inference. Its outputs still require grad where the
 weights do (as the original's would), but a backward through them raises
-:class:`~exfx.errors.ExfxError` saying so, as does a backward through an
-``exfx::`` reference op of a graph run directly: pruned neurons and the native
-kernels have no gradient, so autograd would otherwise fail deep in torch or, through
-the native kernels, leave gradients silently missing. Train the original model.
+:class:`~exfx.errors.ExfxError` saying so (a hook on each output), as does a
+backward through an ``exfx::`` reference op of a graph run directly: pruned neurons
+and the native kernels have no gradient, so autograd would otherwise fail deep in
+torch or, through the native kernels, leave gradients silently missing. Train the
+original model.
 
 Example::
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,8 @@ class CompiledModule(fx.GraphModule):
                 outputs = super().__call__(*args, **kwargs)
             else:
                 outputs = self.forward(*args, **kwargs)
-            return _inference_only(outputs, type(self).__name__) if torch.is_grad_enabled() else outputs
+            return (_inference_only(outputs, type(self).__name__, values.values()) if torch.is_grad_enabled()
+                    else outputs)
         except ExfxError:
             raise
         except (RuntimeError, ValueError, IndexError) as err:
@@ -213,19 +215,14 @@ def inference_only_message(what: str) -> str:
             f"again, or run the compiled module under torch.no_grad()")
 
 
-class _InferenceOnly(torch.autograd.Function):
-    """The identity, with a backward that raises the exfx error: without it, autograd would run through the
-    reference ops to torch's "no autograd formula" error, and through the native kernels to silently wrong
-    (missing) gradients."""
+def _refuse(what: str) -> Callable[[torch.Tensor], None]:
+    """A tensor hook that raises the exfx error when a gradient reaches the tensor it is on (not kept when the
+    tensor is saved: a saved output has no autograd history to guard)."""
+    @torch.utils.hooks.unserializable_hook
+    def hook(grad: torch.Tensor) -> None:
+        raise ExfxError(inference_only_message(what))
 
-    @staticmethod
-    def forward(ctx: Any, value: torch.Tensor, what: str) -> torch.Tensor:
-        ctx.what = what
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise ExfxError(inference_only_message(ctx.what))
+    return hook
 
 
 def _refuse_backward_through(name: str) -> None:
@@ -248,21 +245,28 @@ for _name in ("partial_sum", "early_exit", "complete", "exact_exit", "dominance_
 del _name
 
 
-def _inference_only(outputs: Any, model: str) -> Any:
-    """``outputs`` with each plain tensor that requires grad passed through :class:`_InferenceOnly`; as they
-    are while a tracer (Dynamo, export, jit) runs the module, whose graph must not hold the guard."""
+def _inference_only(outputs: Any, model: str, inputs: Iterable[Any]) -> Any:
+    """``outputs``, with a hook on each one that requires grad that raises the exfx error once a gradient
+    reaches it: without it, autograd would run through the reference ops to torch's "no autograd formula"
+    error, and through the native kernels to silently wrong (missing) gradients. A hook, not an autograd
+    node, so that the outputs are neither copies nor views and take in-place ops as before. Leaves (a
+    parameter returned as is) and the caller's own tensors passed through are left alone, as is every
+    output while a tracer (Dynamo, export, jit) runs the module, whose graph must not hold the hook."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return outputs
-    what = f"the compiled {model}"
+    hook = _refuse(f"the compiled {model}")
+    given = {id(value) for value in inputs}
 
-    def guard(value: Any) -> Any:
-        if type(value) in (torch.Tensor, torch.nn.Parameter) and value.requires_grad:
-            return _InferenceOnly.apply(value, what)
-        return value
+    def guard(value: Any) -> None:
+        if (type(value) is torch.Tensor and value.grad_fn is not None and value.requires_grad
+                and id(value) not in given):
+            value.register_hook(hook)
 
     if isinstance(outputs, torch.Tensor):  # the common case, without a tree walk
-        return guard(outputs)
-    return pytree.tree_map(guard, outputs)
+        guard(outputs)
+    else:
+        pytree.tree_map(guard, outputs)
+    return outputs
 
 
 def _hooked(module: torch.nn.Module) -> bool:

@@ -268,7 +268,8 @@ def test_a_site_no_schedule_fits_is_disabled_not_left_to_the_default(search):
     x = torch.randn(200, 32)
     data = [(x[i:i + 100], model(x[i:i + 100]).argmax(-1)) for i in range(0, 200, 100)]
     if search == "calibrate":
-        plan = exfx.calibrate(model, (x[:2],), data, _accuracy, 0.0, schedules=((64,),), max_evals=3)
+        with pytest.warns(exfx.ExfxWarning, match="no site of Sequential can be tuned"):
+            plan = exfx.calibrate(model, (x[:2],), data, _accuracy, 0.0, schedules=((64,),), max_evals=3)
     else:
         plan = exfx.random_search(model, (x[:2],), data, _accuracy, 0.0, schedules=((64,),), evals=2)
     assert plan.sites == {"2": exfx.SiteParams(enabled=False)}

@@ -103,6 +103,8 @@ def test_backward_through_a_compiled_module_says_it_is_inference_only(lowering):
     with pytest.raises(exfx.ExfxError, match=INFERENCE_ONLY + ".*torch.no_grad"):
         out.sum().backward()
     assert all(p.grad is None for p in gm.parameters())
+    with pytest.raises(exfx.ExfxError, match=INFERENCE_ONLY):  # an output modified in place, as before
+        gm(x, shift).mul_(2).sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(gm(x, shift), out.detach())
 

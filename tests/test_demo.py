@@ -27,6 +27,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SmallCNN: 3 of 4 ReLUs are ENP sites" in text
     assert "reported on images 500-999" in text
+    assert "latency   dense" in text and "per batch of 1 " in text and "per batch of 100 " in text
+    assert "native: " in text  # what the default lowering runs, one line
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["reduction"] <= summary["oracle_reduction"] + 0.05
     assert summary["calibration"]["baseline"] - summary["calibration"]["score"] <= 0.01 + 1e-9
