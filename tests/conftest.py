@@ -41,3 +41,11 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def built() -> bool:
+    """The native kernels, built or loaded once per session: whether the C++ ones (not the fallback) run."""
+    from exfx.ops import native
+
+    return native.native_available()

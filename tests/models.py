@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from exfx import examples
+
 
 class MLP(nn.Module):
     """Every ReLU spelling in one network."""
@@ -77,22 +79,16 @@ class VGGish(nn.Module):
         return self.classifier(self.features(x))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(examples.BasicBlock):
+    """:class:`exfx.examples.BasicBlock` with its ReLUs spelled as one in-place ``nn.ReLU`` module."""
+
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        super().__init__(cin, cout, stride)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNetish(nn.Module):

@@ -52,11 +52,6 @@ class Crossover(LatencyModel):
         return {form: 1.0 for form in candidates}  # the whole model: a tie, which keeps the lowering
 
 
-@pytest.fixture(scope="module")
-def built() -> bool:
-    return native.native_available()
-
-
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EXFX_CACHE_DIR", str(tmp_path / "cache"))

@@ -48,12 +48,6 @@ class ResidualFFN(nn.Module):
         return self.head(h)
 
 
-@pytest.fixture(scope="module")
-def built() -> bool:
-    """Build or load the extension once per session (a flag check afterwards)."""
-    return native.native_available()
-
-
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Forced native choices and a private timing cache: no test depends on timings or on ~/.cache."""

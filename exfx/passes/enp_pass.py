@@ -1,14 +1,10 @@
 """ENP rewrite: insert partial-sum, early-exit and completion nodes before each eligible ReLU.
 
 For a site ``relu([A @] producer(x, W, b) + r1 + r2 ...)`` with schedule
-``(k1, k2, ...)`` the pass emits::
+``(k1, k2, ...)`` the pass prepares the operands ``x_in, W, b, res`` of the sum
+(:func:`exfx.passes.operands.site_operands`: concat sample order, the GCN form,
+message passing, the joined residuals), then emits::
 
-    x, W   = x[order], W[:, order]                   # concat only: blocks sampled in proportion
-    x_in   = A @ x                                   # GCN form only: (A @ x) @ W == A @ (x @ W)
-    shift  = rowsum(A) * b                           # GCN form with a bias: A @ (x W + b)
-    x_in   = propagate(x)                            # message passing (GCNConv): the chain replayed on x
-    shift  = propagate(ones column) * b              # ... with a producer bias: propagate(x W + 1 b)
-    res    = r1 + r2 + ...                           # residuals, joined into one shift
     s1     = exfx.partial_sum(x_in, W, None, None, 0, k1, ...)
     keep1  = exfx.early_exit(s1, W, b, res, None, k1, n, rule, param)
     s2     = exfx.partial_sum(x_in, W, s1, keep1, k1, k2, ...)
