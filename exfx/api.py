@@ -43,10 +43,10 @@ from exfx.analysis.axes import AxisGroups
 from exfx.capture import TRACE_LOCK, CaptureOptions, normalise_inputs
 from exfx.capture import capture as capture_model
 from exfx.capture.common import run_failure_message
-from exfx.compiled import CompiledModule
+from exfx.compiled import CompiledModule, Recapture
 from exfx.config import Config, DominanceParams, Plan, fingerprint
 from exfx.errors import UnsupportedModelError
-from exfx.meta import REPORT_KEY, SiteDecision, SiteMatch
+from exfx.meta import REPORT_KEY, SHAPE_GUARDS_KEY, SiteDecision, SiteMatch
 from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
 from exfx.passes.annotate_pass import decide_head, decide_sites, resolve_lowering
 from exfx.passes.pipeline import compile_passes
@@ -81,6 +81,9 @@ class Analysis:
         self.groups = groups
         self.example_inputs = example_inputs
         self.model_name = model_name
+        #: (model, capture options) a compiled module captures again at sizes its graph does not hold for;
+        #: set by :func:`analyse` for a Dynamo capture.
+        self.recapture_source: tuple[torch.nn.Module, CaptureOptions] | None = None
 
     def site(self, name: str) -> SiteMatch:
         """The record of one site, by name."""
@@ -170,7 +173,9 @@ class Analysis:
         gm.meta[REPORT_KEY] = report
         if not report.eligible:
             logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
-        return CompiledModule(gm, self.example_inputs)
+        recapture = (Recapture(*self.recapture_source, plan=plan, config=config, lowering=lowering,
+                               dominance=dominance) if self.recapture_source is not None else None)
+        return CompiledModule(gm, self.example_inputs, recapture)
 
     def __repr__(self) -> str:
         eligible = sum(s.eligible for s in self.sites)
@@ -361,7 +366,8 @@ def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     inputs = normalise_inputs(example_inputs)
     # Held until the model has stopped running: torch.fx tracing in another thread would intercept its calls.
     with TRACE_LOCK:
-        gm = capture_model(model, inputs, options.leaf_modules, options.concrete_args, options.capture)
+        gm = capture_model(model, inputs, options.leaf_modules, options.concrete_args, options.capture,
+                           options.dynamic_shapes)
         _propagate_shapes(gm, inputs, fake=False)  # the one real run: does the model run on these inputs?
         CanonicalizePass()(gm)  # each rewritten producer keeps its node's shape, which is all BN folding reads
         FoldBatchNormPass()(gm)
@@ -369,7 +375,10 @@ def analyse(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     _check_hidden_inputs(gm, options.hidden_inputs)
     analysis = ExchangeabilityPass(hidden_inputs=options.hidden_inputs)
     analysis(gm)
-    return Analysis(gm, analysis.sites, analysis.groups, inputs, type(model).__name__)
+    result = Analysis(gm, analysis.sites, analysis.groups, inputs, type(model).__name__)
+    if SHAPE_GUARDS_KEY in gm.meta:  # Dynamo specialised what the code fixes: capture again at other sizes
+        result.recapture_source = (model, options)
+    return result
 
 
 def _capture_options(capture_options: CaptureOptions | Mapping[str, Any] | None, leaf_modules: Sequence[str],

@@ -3,8 +3,7 @@
 :class:`CompiledModule` is a GraphModule (it prints, re-traces, exports and runs
 under ``torch.compile`` like any other). Calling it, positionally or by input
 name, checks the inputs against the example inputs it was compiled with: their
-names and number, and each tensor's device, dtype and rank (and, for a
-Dynamo-captured model whose graph holds a size as a constant, that size). Any
+names and number, and each tensor's device, dtype and rank. Any
 other failure while running (a wrong feature size, say) is re-raised as
 :class:`~exfx.errors.UnsupportedModelError` that shows the example and actual
 inputs, with the first line of torch's message and the original exception
@@ -18,6 +17,16 @@ and the native kernels have no gradient, so autograd would otherwise fail deep i
 torch or, through the native kernels, leave gradients silently missing. Train the
 original model.
 
+Sizes: a Dynamo-captured graph holds for the sizes its
+:class:`~exfx.capture.shapes.ShapeGuards` allow (every dimension the model's code left
+symbolic varies freely). At sizes outside them, the module captures the original model
+again with the same capture options, plan, config, lowering and dominance (logged at INFO),
+keeps the result, and runs it; a later call at sizes some captured graph holds for (the
+first, or one captured since) runs that graph, with no new capture. Recapture costs compile
+time, never correctness; a model that rejects the new inputs itself fails as it would have
+at compile time. A module that cannot capture again (it was unpickled, or built without its
+model) refuses such sizes with a message that says why.
+
 Example::
 
     >>> gm = exfx.compile(model, (x,))
@@ -27,8 +36,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +50,11 @@ import torch.utils._pytree as pytree
 
 from exfx import ops  # noqa: F401  (the exfx:: reference ops, given a backward that refuses below)
 from exfx.errors import ExfxError, UnsupportedModelError
-from exfx.meta import INPUT_SIZES_KEY, INPUT_SPECS_KEY
+from exfx.meta import INPUT_SIZES_KEY, INPUT_SPECS_KEY, RECAPTURE_KEY, SHAPE_GUARDS_KEY
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledModule", "InputSpec"]
+__all__ = ["CompiledModule", "InputSpec", "Recapture"]
 
 
 
@@ -91,6 +102,52 @@ class InputSpec:
         return problems
 
 
+class Recapture:
+    """How a compiled module captures its model again at new input sizes, and the modules captured so far.
+
+    Holds a reference to the original model (captured afresh, as it is then, at each new shape) and the
+    arguments it was compiled with. A deep copy of the compiled module gets a new record with the same
+    model and no captures; a pickled one none (its module then refuses sizes its graph does not hold for).
+    """
+
+    #: Past this many captures of one module, each new one is logged as a warning: the shapes keep changing.
+    WARN_AFTER = 8
+    #: Input-size tuples remembered per module (which graph runs them); forgotten all at once past this.
+    MAX_SEEN = 4096
+
+    def __init__(self, model: torch.nn.Module, capture_options: Any, plan: Any = None, config: Any = None,
+                 lowering: str | None = None, dominance: Any = None) -> None:
+        self.model, self.capture_options = model, capture_options
+        self.plan, self.config, self.lowering, self.dominance = plan, config, lowering, dominance
+        self.modules: list[CompiledModule] = []
+        self.seen: dict[Any, Any] = {}
+        self.lock = threading.Lock()
+
+    def compile(self, inputs: tuple[Any, ...]) -> CompiledModule:
+        """The model captured at ``inputs`` and compiled as before (no recapture record of its own)."""
+        from exfx.api import analyse  # the API builds compiled modules: imported late
+
+        analysis = analyse(self.model, inputs, capture_options=self.capture_options)
+        analysis.recapture_source = None  # the module here dispatches; the new one only runs
+        plan, found = self.plan, analysis.signatures
+        if plan is not None and plan.signatures and found != plan.signatures \
+                and all(plan.signatures.get(name) == signature for name, signature in found.items()):
+            # Fewer sites are eligible at these sizes (the analysis is conservative where an axis has size 1):
+            # the plan, checked when compiling, applies by name to those left; the others run dense.
+            dropped = sorted(set(plan.signatures) - set(found))
+            logger.warning("exfx: at these input sizes %d site(s) of the plan are not eligible and run dense: %s",
+                           len(dropped), ", ".join(dropped))
+            plan = dataclasses.replace(plan, sites={n: p for n, p in plan.sites.items() if n in found},
+                                       signatures=dict(found))
+        return analysis.compile(plan, config=self.config, lowering=self.lowering, dominance=self.dominance)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Recapture:
+        return Recapture(self.model, self.capture_options, self.plan, self.config, self.lowering, self.dominance)
+
+    def __reduce__(self) -> Any:
+        return (type(None), ())
+
+
 def _describe(dtype: torch.dtype | None, shape: Any, device: torch.device | None) -> str:
     return f"{str(dtype).replace('torch.', '')}{list(shape)} on {device}"
 
@@ -104,11 +161,15 @@ def _describe_value(value: Any) -> str:
 class CompiledModule(fx.GraphModule):
     """A GraphModule with input checks and clear errors (see module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...],
+                 recapture: Recapture | None = None) -> None:
         super().__init__(gm, gm.graph, gm.__class__.__name__)
         self.meta.update(gm.meta)
+        self.meta[RECAPTURE_KEY] = recapture
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sizes = self.meta.get(INPUT_SIZES_KEY) or (None,) * len(placeholders)
+        # With shape guards, sizes are checked against them (and a new size may capture again), not fixed here.
+        sizes = ((None,) * len(placeholders) if SHAPE_GUARDS_KEY in self.meta
+                 else self.meta.get(INPUT_SIZES_KEY) or (None,) * len(placeholders))
         specs: list[InputSpec] = []
         examples = list(example_inputs)
         for node, required in zip(placeholders, sizes):
@@ -186,9 +247,78 @@ class CompiledModule(fx.GraphModule):
                 raise UnsupportedModelError(f"input {spec.name!r} has {', '.join(problems)}; "
                                             f"call the compiled module with inputs like the example: {spec.describe()}")
 
+    def _select(self, values: Mapping[str, Any]) -> CompiledModule:
+        """The module whose graph holds at these input sizes: this one, one captured again before, or a new
+        capture (see the module docstring)."""
+        guards = self.meta.get(SHAPE_GUARDS_KEY)
+        if guards is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+            return self
+        shapes = tuple(tuple(values[s.name].shape) if s.shape is not None and s.name in values
+                       and isinstance(values[s.name], torch.Tensor) else None for s in self.exfx_inputs)
+        if any(not isinstance(size, int) for shape in shapes if shape is not None for size in shape):
+            return self  # a tracer's symbolic sizes (torch.export of this module): the graph as it is
+        recapture: Recapture | None = self.meta.get(RECAPTURE_KEY)
+        seen = recapture.seen if recapture is not None else self.__dict__.setdefault("_exfx_seen", {})
+        known = seen.get(shapes)
+        if known is not None:
+            if isinstance(known, Exception):
+                raise UnsupportedModelError(str(known)) from known
+            return known
+        reason = guards.check(shapes)
+        chosen: CompiledModule | None = self if not reason else None
+        if chosen is None and recapture is not None:
+            chosen = next((m for m in recapture.modules if not m.meta[SHAPE_GUARDS_KEY].check(shapes)), None)
+        if chosen is None:
+            chosen = self._recapture(values, shapes, reason, recapture)
+        if len(seen) >= Recapture.MAX_SEEN:
+            seen.clear()
+        seen[shapes] = chosen
+        return chosen
+
+    def _recapture(self, values: Mapping[str, Any], shapes: tuple[Any, ...], reason: str,
+                   recapture: Recapture | None) -> CompiledModule:
+        """The model captured and compiled again at the call's sizes (``reason``: why this graph does not hold)."""
+        described = ", ".join(f"{s.name}: {list(shape)}" for s, shape in zip(self.exfx_inputs, shapes)
+                              if shape is not None)
+        example = "; ".join(s.describe() for s in self.exfx_inputs)
+        if recapture is None:
+            raise UnsupportedModelError(
+                f"the compiled module's graph does not hold at input sizes [{described}]: {reason}. It was captured "
+                f"for [{example}] and cannot capture its model again (it was loaded from a file or built without "
+                f"its model); compile with example inputs of these sizes")
+        with recapture.lock:
+            done = recapture.seen.get(shapes)
+            if isinstance(done, CompiledModule):
+                return done
+            count = len(recapture.modules) + 1
+            log = logger.warning if count > Recapture.WARN_AFTER else logger.info
+            log("exfx: input sizes [%s] are outside what the captured graph holds for (%s); capturing the model "
+                "again at these sizes (capture %d of this module)", described, reason, count)
+            inputs = tuple(values[s.name] for s in self.exfx_inputs if s.name in values)
+            try:
+                module = recapture.compile(inputs)
+            except ExfxError as err:  # the model rejects these inputs itself (or cannot be captured at them)
+                recapture.seen[shapes] = err
+                raise
+            recapture.modules.append(module)
+            return module
+
+    def module_for(self, *args: Any, **kwargs: Any) -> CompiledModule:
+        """The compiled module that runs these inputs: this one, or the one captured again at their sizes
+        (captured now if none holds yet). Its graph is the one a call with these inputs runs."""
+        values = self._bind(args, kwargs)
+        self._check_inputs(values)
+        return self._select(values)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         values = self._bind(args, kwargs)
         self._check_inputs(values)
+        target = self._select(values)
+        if target is not self:
+            return target._run(args, kwargs, values)
+        return self._run(args, kwargs, values)
+
+    def _run(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
         try:
             if _hooked(self):  # nn.Module's call runs the hooks; without any it only adds per-call overhead
                 outputs = super().__call__(*args, **kwargs)
@@ -205,7 +335,7 @@ class CompiledModule(fx.GraphModule):
             given = "; ".join(f"{name}: {_describe_value(value)}" for name, value in values.items())
             raise UnsupportedModelError(
                 f"the compiled module failed on inputs [{given}]: {first_line}. It was compiled for example "
-                f"inputs [{expected}]; only the batch size (and sizes the model itself allows) may differ") from err
+                f"inputs [{expected}]") from err
 
 
 def inference_only_message(what: str) -> str:

@@ -27,6 +27,8 @@ key                         where           value
 ``exfx_report``             GraphModule     :class:`exfx.report.Report` of a compiled module
 ``exfx_input_sizes``        GraphModule     per input, the sizes Dynamo specialised (or None)
 ``exfx_inputs``             GraphModule     the compiled module's input specs
+``exfx_shape_guards``       GraphModule     :class:`~exfx.capture.shapes.ShapeGuards` of a Dynamo capture
+``exfx_recapture``          GraphModule     how a compiled module captures its model again at new sizes
 ==========================  ==============  ====================================================
 
 Example::
@@ -46,7 +48,7 @@ from exfx.config import DominanceParams, SiteParams
 
 __all__ = [
     "NAME_KEY", "RELU_SOURCE_KEY", "GROUPS_KEY", "SITE_KEY", "ROLE_KEY", "REPORT_KEY", "INPUT_SIZES_KEY",
-    "INPUT_SPECS_KEY", "LOWERING_KEY", "DECISION_KEY", "HEAD_KEY", "RELU_FAMILY",
+    "INPUT_SPECS_KEY", "SHAPE_GUARDS_KEY", "RECAPTURE_KEY", "LOWERING_KEY", "DECISION_KEY", "HEAD_KEY", "RELU_FAMILY",
     "SiteMatch", "RewriteRole", "Lowering", "LOWERING_FORMS", "SiteDecision", "HeadDecision", "HeadMatch",
     "LOWERING_INTENTS",
     "site_decision", "set_site_decision", "head_decision", "set_head_decision",
@@ -62,6 +64,8 @@ ROLE_KEY = "exfx_role"
 REPORT_KEY = "exfx_report"
 INPUT_SIZES_KEY = "exfx_input_sizes"
 INPUT_SPECS_KEY = "exfx_inputs"
+SHAPE_GUARDS_KEY = "exfx_shape_guards"
+RECAPTURE_KEY = "exfx_recapture"
 LOWERING_KEY = "exfx_lowering"
 DECISION_KEY = "exfx_decision"
 HEAD_KEY = "exfx_head"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import subprocess
 import sys
@@ -276,3 +277,38 @@ def test_latency_model_measures_once_then_reads_the_cache(tmp_path: Path, monkey
     assert never.form == "dense"
     assert LatencyModel(False, force="dense").choose("x", {"dense": slow, "native": fast}).form == "dense"
     assert calls["dense"] == 8
+
+
+class GatedFFN(nn.Module):
+    """``down(relu(gate(x)) * up(x))``: the ReLU-gated FFN of ReluLLaMA / ProSparse, after an embedding."""
+
+    def __init__(self, d: int = 48, hidden: int = 160) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, d)
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        return self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("threshold", [-math.inf, 0.0])
+def test_gated_ffn_lowers_the_gate_and_reads_the_product_sparsely(built: bool, threshold: float) -> None:
+    """The gate runs the early-exit kernel; ``down`` skips the product's zeros: equal to the reference ops,
+    and to the model at never-prune."""
+    torch.manual_seed(0)
+    model = GatedFFN().eval()
+    tokens = torch.randint(0, 40, (3, 5))
+    config = exfx.Config(samples=16, threshold=threshold)
+    lowered = exfx.compile(model, (tokens,), config, lowering="native")
+    targets = [n.target for n in lowered.graph.nodes]
+    assert OPS.enp_linear.default in targets and OPS.sparse_input_linear.default in targets
+    sparse = next(n for n in lowered.graph.nodes if n.target is OPS.sparse_input_linear.default)
+    assert sparse.args[0].target in (operator.mul, torch.mul)
+    reference = exfx.compile(model, (tokens,), config, lowering="reference")
+    for batch in (1, 4):
+        x = torch.randint(0, 40, (batch, 5))
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), reference(x), rtol=1e-4, atol=1e-5)
+            if threshold == -math.inf:
+                torch.testing.assert_close(lowered(x), model(x), rtol=1e-4, atol=1e-5)

@@ -52,32 +52,34 @@ __all__ = ["capture", "check_eval_mode", "normalise_inputs", "dynamo_capture", "
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_modules: Sequence[str] = (),
-            concrete_args: Mapping[str, Any] | None = None, method: str = "auto") -> fx.GraphModule:
+            concrete_args: Mapping[str, Any] | None = None, method: str = "auto",
+            dynamic_shapes: Any = None) -> fx.GraphModule:
     """A private GraphModule of ``model``: the user's model is never modified.
 
     ``method="fx"`` uses ``torch.fx.symbolic_trace`` only, ``"dynamo"`` uses
     Dynamo only (see :mod:`exfx.capture.dynamo`), and ``"auto"`` (the default)
     tries symbolic tracing first and falls back to Dynamo when it fails, or when
-    it keeps a ``torch.nn`` transformer module with a ReLU FFN opaque.
+    it keeps a ``torch.nn`` transformer module with a ReLU FFN opaque. ``dynamic_shapes`` applies to a
+    Dynamo capture (:mod:`exfx.capture.shapes`); a symbolic trace is shape-generic already.
     """
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"exfx compiles torch.nn.Module instances, got {type(model).__name__}")
     if method not in CAPTURE_METHODS:
         raise ValueError(f"capture must be one of {CAPTURE_METHODS}, got {method!r}")
     check_eval_mode(model)
-    private = copy.deepcopy(model)
+    private = _private_copy(model)
     if isinstance(private, fx.GraphModule):
         logger.debug("using the given GraphModule as captured")
         return private
     if method == "dynamo":
-        return dynamo_capture(private, example_inputs)
+        return dynamo_capture(private, example_inputs, dynamic_shapes)
     try:
         traced = symbolic_capture(private, leaf_modules, concrete_args)
     except CaptureError as fx_error:
         if method == "fx" or leaf_modules or concrete_args:
             raise
         try:
-            captured = dynamo_capture(private, example_inputs)
+            captured = dynamo_capture(private, example_inputs, dynamic_shapes)
         except CaptureError as dynamo_error:
             raise CaptureError(f"{fx_error} (The Dynamo fallback failed too: {dynamo_error})") from fx_error
         logger.info("symbolic tracing failed (%s); captured with Dynamo instead", fx_error)
@@ -87,7 +89,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...] = (), leaf_m
         return traced
     if method == "auto" and not concrete_args and not leaf_modules:
         try:
-            captured = dynamo_capture(private, example_inputs)
+            captured = dynamo_capture(private, example_inputs, dynamic_shapes)
         except CaptureError as dynamo_error:
             logger.warning("torch.fx keeps %s opaque, with ReLUs inside, and Dynamo could not capture the model "
                            "(%s); the ReLUs stay hidden", ", ".join(hiding), dynamo_error)
@@ -105,3 +107,14 @@ def _opaque_relu_modules(gm: fx.GraphModule, leaf_modules: Sequence[str]) -> lis
     return [f"`{node.target}` ({type(gm.get_submodule(str(node.target))).__name__})" for node in gm.graph.nodes
             if node.op == "call_module" and str(node.target) not in leaf_modules
             and relu_hiding_layers(gm.get_submodule(str(node.target)))]
+
+
+def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers.
+
+    The passes never write a weight in place: they assign new tensors to the private copy's attributes (folded
+    BatchNorm, relaid weights), so the user's model is never modified, and a large model's weights are not
+    held twice. The compiled module therefore reads the model's weights: change them, and compile again.
+    """
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo=shared)

@@ -18,13 +18,14 @@ returning a dict or a dataclass (a Hugging Face ``ModelOutput``) returns a tuple
 after capture. The tensors of an object it cannot look into (a ``DynamicCache``)
 come last.
 
-Shapes: the first (batch) dimension of every input is captured symbolically, so
-the compiled module runs at any batch size. Other dimensions are captured at the
-example's sizes: where the model's code uses one (a reshape, say), the graph
-holds the example's value. When the batch size could not stay symbolic (an
-example batch of 1, or code that branches on ``x.shape[0]``), the compiled
-module refuses other sizes with a message that says why, instead of running a
-graph traced for another size. A graph break (data-dependent control flow) makes
+Shapes: every dimension of every tensor input is captured symbolically where the
+model's code allows (:mod:`exfx.capture.shapes`; ``dynamic_shapes=`` declares
+dimensions dynamic or static, in ``torch.export``'s convention), so the graph runs
+at any batch size, sequence length, node or edge count. Where the code fixes a
+size (a size of 0 or 1, a reshape to a constant, a branch on ``x.shape[1]``),
+the graph holds the example's size; the graph's ``meta`` records where it holds
+(:class:`~exfx.capture.shapes.ShapeGuards`), and the compiled module captures the
+model again at other sizes. A graph break (data-dependent control flow) makes
 capture fail with :class:`~exfx.errors.CaptureError`; a model that does not run on
 its example inputs even eagerly, with :class:`~exfx.errors.UnsupportedModelError`
 naming the submodule that failed.
@@ -44,7 +45,6 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -52,7 +52,8 @@ import torch.utils._pytree as pytree
 
 from exfx.capture.common import TRACE_LOCK, eager_failure, mha_fastpath_disabled
 from exfx.errors import CaptureError, ExfxError, TrainingModeError
-from exfx.meta import INPUT_SIZES_KEY
+from exfx.capture.shapes import mark_dynamic_dims, shape_guards
+from exfx.meta import INPUT_SIZES_KEY, SHAPE_GUARDS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -218,77 +219,28 @@ def _argument_names(model: torch.nn.Module, count: int) -> list[str]:
     return [positional[i] if i < len(positional) else f"{rest}_{i - len(positional)}" for i in range(count)]
 
 
-def _required_sizes(graph: fx.Graph) -> tuple[tuple[int | None, ...] | None, ...]:
-    """Per input of a captured graph, the size each dimension must have (None: any), None for a non-tensor.
-
-    Only the batch dimension was captured symbolically, so only it may be free,
-    and only when Dynamo kept it a symbol (it specialises a batch of 1, or one the
-    code fixes). That holds for any batch size only if every shape guard Dynamo
-    recorded holds for any size; an equality of two symbols (two inputs' batch
-    sizes) does. A guard such as ``s0 <= 4`` means the model's code branched on the
-    size: then every dimension of every input is fixed to the example's. Other
-    dimensions are left unchecked (None): where the code used their size, the
-    graph holds the example's value.
-    """
-    examples = [node.meta.get("example_value") for node in graph.nodes if node.op == "placeholder"]
-    symbols = [size for value in examples if isinstance(value, torch.Tensor) for size in value.shape
-               if isinstance(size, torch.SymInt)]
-    shape_env = symbols[0].node.shape_env if symbols else None
-    general = shape_env is None or all(_holds_for_any_size(shape_env.simplify(guard.expr))
-                                       for guard in shape_env.guards)
-    required: list[tuple[int | None, ...] | None] = []
-    for value in examples:
-        if not isinstance(value, torch.Tensor):
-            required.append(None)
-            continue
-        sizes = [int(size.node.hint) if isinstance(size, torch.SymInt) else int(size) for size in value.shape]
-        if not general:
-            required.append(tuple(sizes))
-            continue
-        batch = value.shape[0] if sizes else None
-        free = isinstance(batch, torch.SymInt) and isinstance(shape_env.simplify(batch.node.expr), sympy.Symbol)
-        required.append(tuple([None if free else sizes[0]] + [None] * (len(sizes) - 1)) if sizes else ())
-    if not general:
-        logger.warning("Dynamo capture: the model's code depends on its input sizes; the compiled module "
-                       "accepts only the example inputs' shapes")
-    return tuple(required)
-
-
-def _holds_for_any_size(expr: Any) -> bool:
-    """Whether a simplified shape guard holds whatever the sizes: no symbol left, an equality of two
-    symbols, or a bound on one symbol that every size tried meets (sizes below 2 are specialised anyway)."""
-    free = expr.free_symbols
-    if not free:
-        return bool(expr)
-    if isinstance(expr, sympy.Eq) and all(side.is_Symbol for side in expr.args):
-        return True
-    if len(free) == 1:
-        (symbol,) = free
-        return all(bool(expr.subs(symbol, value)) for value in (2, 3, 5, 8, 17, 64, 1000, 4099))
-    return False
-
-
 def _call(model: torch.nn.Module, *inputs: Any) -> Any:
     return model(*inputs)
 
 
-def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any = None
+                   ) -> fx.GraphModule:
     """Capture ``model`` as one graph with Dynamo, parameters as ``get_attr`` nodes.
 
     The graph must take exactly the tensor ``example_inputs``, in order; its
     inputs are named after ``forward``'s arguments. The caller's tensors and
     Dynamo's caches for the model's code are left untouched: the capture runs
-    through a throwaway function, whose cache entry goes with it.
+    through a throwaway function, whose cache entry goes with it. ``dynamic_shapes``: see
+    :mod:`exfx.capture.shapes` (None: every dimension symbolic where the model's code allows).
     """
     captured: dict[str, Any] = {}
     names = [name for name, value in zip(_argument_names(model, len(example_inputs)), example_inputs)
              if isinstance(value, torch.Tensor)]
-    # Aliases carry the dynamic-batch marks, so the caller's tensors are not marked.
+    # Aliases carry the dynamic-dimension marks, so the caller's tensors are not marked.
     aliases = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in example_inputs)
-    for alias in aliases:
-        if isinstance(alias, torch.Tensor) and alias.dim() > 0 and alias.shape[0] > 1:
-            torch._dynamo.maybe_mark_dynamic(alias, 0)
     expected = [v for v in aliases if isinstance(v, torch.Tensor)]
+    positional = _argument_names(model, len(example_inputs))
+    declared = mark_dynamic_dims(aliases, positional, dynamic_shapes)
 
     def grab(gm: fx.GraphModule, inputs: list[Any]) -> Any:
         captured["gm"], kept, _ = recover_parameters(gm, inputs, names)
@@ -307,16 +259,31 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
     try:
         # Automatic dynamic shapes off: sizes seen in earlier captures (of other models) must not matter.
         # The MHA fast path off: the graph then holds the transformer layers op by op, not as one fused op.
+        # Duck shaping off: two dimensions of the same example size (16 tokens at batch 16) stay two symbols.
         with (TRACE_LOCK, mha_fastpath_disabled(), torch.no_grad(),
-              torch._dynamo.config.patch(automatic_dynamic_shapes=False)):
+              torch._dynamo.config.patch(automatic_dynamic_shapes=False),
+              torch.fx.experimental._config.patch(use_duck_shape=False)):
             output = torch.compile(capture_fn, backend=grab, fullgraph=True)(model, *aliases)
     except ExfxError:
         raise
     except Exception as err:  # Dynamo raises many types; all mean "cannot capture as one graph"
+        if declared and "Constraint" in type(err).__name__:
+            dims = ", ".join(f"{name}[{', '.join(map(str, d))}]" for name, d in declared.items())
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CaptureError(f"dynamic_shapes declares {dims} dynamic, but the model's code fixes a size among "
+                               f"them ({message}); declare it Dim.AUTO or None instead") from err
         failure = eager_failure(model, example_inputs)  # unless the model does not run on these inputs at all
         if failure is not None:
             raise failure from failure.__cause__
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if dynamic_shapes is None and any(isinstance(v, torch.Tensor) and v.dim() > 1 for v in example_inputs):
+            # Symbolic sizes everywhere can take Dynamo where it cannot go (an op without a symbolic-size rule):
+            # capture again with only the leading dimensions symbolic, as before dimensions were all dynamic.
+            logger.info("Dynamo could not capture the model with every dimension symbolic (%s: %s); capturing "
+                        "with only the leading dimensions symbolic", type(err).__name__, message)
+            leading = tuple([torch.export.Dim.AUTO] + [None] * (v.dim() - 1) if isinstance(v, torch.Tensor)
+                            and v.dim() else None for v in example_inputs)
+            return dynamo_capture(model, example_inputs, leading)
         raise CaptureError(f"Dynamo could not capture the model as one graph: {type(err).__name__}: {message}") from err
     if "gm" not in captured:
         raise CaptureError("Dynamo captured no graph (the forward has no tensor operations)")
@@ -326,7 +293,12 @@ def dynamo_capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> f
                            f"example inputs in their order (an input is unused or not a tensor); pass only the "
                            f"tensors forward() uses, as positional example inputs")
     gm: fx.GraphModule = captured["gm"]
-    gm.meta[INPUT_SIZES_KEY] = _required_sizes(gm.graph)
+    guards = shape_guards(gm.graph)
+    gm.meta[SHAPE_GUARDS_KEY] = guards
+    gm.meta[INPUT_SIZES_KEY] = guards.fixed
+    if guards.guards:
+        logger.info("Dynamo capture: the model's code checks its input sizes (%s); the compiled module captures "
+                    "it again where they do not hold", ", ".join(map(str, guards.guards)))
     _return_like_the_model(gm, output, captured["outputs"], expected)
     return gm
 

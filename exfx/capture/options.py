@@ -8,9 +8,11 @@ keywords (or take whole, as ``capture_options=``), and that every tuner in :mod:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
+
+from exfx.capture.shapes import check_dynamic_shapes
 
 __all__ = ["CaptureOptions", "CAPTURE_METHODS"]
 
@@ -41,10 +43,18 @@ class CaptureOptions:
             then be exchangeable. Other inputs are pinned.
         capture: ``"auto"`` (``torch.fx.symbolic_trace``, falling back to Dynamo when it
             fails), ``"fx"`` or ``"dynamo"``.
+        dynamic_shapes: for a Dynamo capture, which input dimensions are dynamic, in
+            ``torch.export``'s convention: a mapping from ``forward()`` argument names (or
+            positions) to ``{dim: torch.export.Dim(...)}`` (or a sequence, one spec per dim), or a
+            sequence with one such spec per input. ``Dim(...)``/``Dim.DYNAMIC``: must stay
+            symbolic; ``Dim.AUTO``: symbolic where the code allows; ``None``/``Dim.STATIC``:
+            the example's size. Every dimension not named is ``Dim.AUTO`` (None: all of them).
+            See :mod:`exfx.capture.shapes`.
 
     Raises:
-        TypeError: ``leaf_modules`` or ``hidden_inputs`` is not a sequence of names, or
-            ``concrete_args`` is not a mapping (the message names the field).
+        TypeError: ``leaf_modules`` or ``hidden_inputs`` is not a sequence of names,
+            ``concrete_args`` is not a mapping, or ``dynamic_shapes`` is malformed (the message
+            names the field).
         ValueError: ``capture`` is not one of ``"auto"``, ``"fx"``, ``"dynamo"``.
     """
 
@@ -52,8 +62,10 @@ class CaptureOptions:
     concrete_args: Mapping[str, Any] | None = None
     hidden_inputs: tuple[str, ...] = ()
     capture: str = "auto"
+    dynamic_shapes: Mapping[Any, Any] | Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dynamic_shapes", check_dynamic_shapes(self.dynamic_shapes))
         object.__setattr__(self, "leaf_modules", _names("leaf_modules", self.leaf_modules))
         object.__setattr__(self, "hidden_inputs", _names("hidden_inputs", self.hidden_inputs))
         if self.concrete_args is not None:

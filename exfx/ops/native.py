@@ -49,8 +49,10 @@ import platform
 import threading
 import time
 import warnings
+import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,31 @@ class RelaidWeight(NamedTuple):
 # Weight preparation (once, at compile time)
 # ---------------------------------------------------------------------------
 
+#: Weights derived at compile time (relaid, transposed), kept while some compiled module holds them, so that
+#: compiling the same model again (Dynamo's prefill and decode graphs, a recompile) does not copy them again.
+_DERIVED: weakref.WeakValueDictionary[tuple[Any, ...], Tensor] = weakref.WeakValueDictionary()
+_PROBES: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _probe(weight: Tensor) -> Tensor:
+    """A few of ``weight``'s values (64 evenly spaced): a check that a cached derivation is of this very data."""
+    flat = weight.reshape(-1)
+    return flat[:: max(1, flat.numel() // 64)][:64].clone()
+
+
+def _derived(kind: str, weight: Tensor, split: int, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, or the copy an earlier call made from the same weight data (same memory, shape, version and
+    values), while it is alive."""
+    key = (kind, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight._version, split)
+    cached = _DERIVED.get(key)
+    if cached is not None and torch.equal(_PROBES.get(key, torch.empty(0)), _probe(weight)):
+        return cached
+    value = make()
+    _DERIVED[key] = value
+    _PROBES[key] = _probe(weight)
+    weakref.finalize(value, _PROBES.pop, key, None)
+    return value
+
 
 def relayout(weight: Tensor, count: int, n_units: int | None = None) -> RelaidWeight:
     """Split a ``[out, features]`` linear weight into contiguous head and tail blocks at unit ``count``.
@@ -127,7 +154,8 @@ def relayout(weight: Tensor, count: int, n_units: int | None = None) -> RelaidWe
         raise ExfxError(f"relayout: count={count} must be in [1, {units}] (the sampled units of the checkpoint)")
     split = count * (features // units)
     weight = weight.detach()
-    return RelaidWeight(weight[:, :split].contiguous(), weight[:, split:].contiguous(), count, units)
+    return RelaidWeight(_derived("head", weight, split, lambda: weight[:, :split].contiguous()),
+                        _derived("tail", weight, split, lambda: weight[:, split:].contiguous()), count, units)
 
 
 def transpose_for_sparse_input(weight: Tensor) -> Tensor:
@@ -135,7 +163,8 @@ def transpose_for_sparse_input(weight: Tensor) -> Tensor:
     if weight.dim() != 2:
         raise UnsupportedModelError(f"transpose_for_sparse_input: the weight has shape {tuple(weight.shape)}; "
                                     f"only linear weights [out, in] are supported")
-    return weight.detach().t().contiguous()
+    weight = weight.detach()
+    return _derived("transposed", weight, 0, lambda: weight.t().contiguous())
 
 
 # ---------------------------------------------------------------------------

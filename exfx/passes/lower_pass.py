@@ -88,7 +88,7 @@ class _Site:
     match: SiteMatch
     decision: SiteDecision
     operands: SiteOperands | None
-    consumers: tuple[fx.Node, ...]
+    consumers: tuple[_Consumer, ...]
 
     @property
     def params(self) -> SiteParams:
@@ -107,11 +107,43 @@ def _is_linear_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.linear
 
 
-def _consumers(relu: fx.Node, rewritten: set[str]) -> tuple[fx.Node, ...]:
-    """The ``F.linear`` calls that read the site's output directly, as their input, and that are not themselves
-    the producer of a site rewritten into another form (``rewritten``: producer node names)."""
-    return tuple(u for u in relu.users
-                 if _is_linear_call(u) and _linear_operands(u)[0] is relu and u.name not in rewritten)
+@dataclass(frozen=True)
+class _Consumer:
+    """An ``F.linear`` whose input is the site's output (``gate`` None), or the site's output times another
+    tensor, ``gate = mul(site output, other)``: the gated FFN ``down(relu(gate(x)) * up(x))``. Either way its
+    input is exactly 0 wherever the site's output is, which is what a sparse-input kernel skips."""
+
+    linear: fx.Node
+    gate: fx.Node | None = None
+
+    @property
+    def other(self) -> fx.Node | None:
+        """The gate's other operand (``up(x)``), or None."""
+        if self.gate is None:
+            return None
+        return next((a for a in self.gate.args if isinstance(a, fx.Node) and a is not self._site_output), None)
+
+    @property
+    def _site_output(self) -> fx.Node:
+        return _linear_operands(self.linear)[0] if self.gate is None else self.gate.args[0]
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul) and len(node.args) == 2
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def _consumers(relu: fx.Node, rewritten: set[str]) -> tuple[_Consumer, ...]:
+    """The ``F.linear`` calls that read the site's output, directly or through one product with another tensor,
+    as their input, and that are not themselves the producer of a site rewritten into another form
+    (``rewritten``: producer node names)."""
+    def reads(linear: fx.Node, source: fx.Node) -> bool:
+        return _is_linear_call(linear) and _linear_operands(linear)[0] is source and linear.name not in rewritten
+
+    found = [_Consumer(u) for u in relu.users if reads(u, relu)]
+    for gate in (u for u in relu.users if _is_mul(u) and u.args[0] is relu and u.args[1] is not relu):
+        found += [_Consumer(u, gate) for u in gate.users if reads(u, gate)]
+    return tuple(found)
 
 
 def _sites(graph: fx.Graph) -> list[_Site]:
@@ -150,7 +182,9 @@ def _capture(gm: fx.GraphModule, inputs: Sequence[Any], sites: Sequence[_Site]) 
             wanted.update(n for n in (operands.x, operands.weight, operands.bias, operands.residual)
                           if isinstance(n, fx.Node))
         for consumer in site.consumers:
-            wanted.update(n for n in _linear_operands(consumer)[1:] if isinstance(n, fx.Node))
+            wanted.update(n for n in _linear_operands(consumer.linear)[1:] if isinstance(n, fx.Node))
+            if consumer.other is not None:
+                wanted.add(consumer.other)
     recorder = _Capture(gm, wanted)
     try:
         with torch.no_grad():
@@ -435,10 +469,17 @@ class LowerPass(PassBase):
 
     # -- consumers ---------------------------------------------------------------------------------------------
 
-    def _lower_consumer(self, gm: fx.GraphModule, site: str, consumer: fx.Node, out: fx.Node, h: Tensor,
+    def _lower_consumer(self, gm: fx.GraphModule, site: str, reader: _Consumer, out: fx.Node, h: Tensor,
                         values: Mapping[fx.Node, Any]) -> None:
-        """``F.linear(out, W, b)`` -> ``exfx::sparse_input_linear(out, W.T, b)`` where that measures faster."""
+        """``F.linear(out, W, b)`` -> ``exfx::sparse_input_linear(out, W.T, b)`` where that measures faster (the
+        same for ``F.linear(out * other, W, b)``, on the product)."""
+        consumer = reader.linear
         _, weight_node, bias_node = _linear_operands(consumer)
+        if reader.gate is not None:  # the product, as it now is: zero wherever the site's output is
+            other = values.get(reader.other)
+            if not isinstance(other, Tensor):
+                return
+            h, out = h * other, reader.gate
         name = producer_name(consumer)
         weight, bias = values.get(weight_node), values.get(bias_node)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
