@@ -27,6 +27,8 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -173,8 +175,8 @@ class Analysis:
         gm.meta[REPORT_KEY] = report
         if not report.eligible:
             logger.info("exfx: no ENP site in %s; returning it unchanged\n%s", report.model, report)
-        recapture = (Recapture(*self.recapture_source, plan=plan, config=config, lowering=lowering,
-                               dominance=dominance) if self.recapture_source is not None else None)
+        recapture = (Recapture(functools.partial(_compile_at, *self.recapture_source, plan, config, lowering,
+                                                 dominance)) if self.recapture_source is not None else None)
         return CompiledModule(gm, self.example_inputs, recapture)
 
     def __repr__(self) -> str:
@@ -182,6 +184,25 @@ class Analysis:
         relus = sum(s.relu_family for s in self.sites)
         return (f"Analysis({self.model_name}: {relus} ReLUs, {eligible} structurally eligible, "
                 f"{len(self.groups.groups)} exchangeable groups)")
+
+
+def _compile_at(model: torch.nn.Module, options: CaptureOptions, plan: Plan | None, config: Config,
+                lowering: str, dominance: DominanceParams | None, inputs: tuple[Any, ...]) -> CompiledModule:
+    """``model`` captured at ``inputs`` and compiled as a module was before: how a compiled module captures its
+    model again at sizes its graph does not hold for (:class:`~exfx.compiled.Recapture`)."""
+    analysis = analyse(model, inputs, capture_options=options)
+    analysis.recapture_source = None  # the first module dispatches between its captures; this one only runs
+    found = analysis.signatures
+    if plan is not None and plan.signatures and found != plan.signatures \
+            and all(plan.signatures.get(name) == signature for name, signature in found.items()):
+        # Fewer sites are eligible at these sizes (the analysis is conservative where an axis has size 1): the
+        # plan, checked at the first compile, applies by name to the sites left; the others run dense.
+        dropped = sorted(set(plan.signatures) - set(found))
+        logger.warning("exfx: at these input sizes %d site(s) of the plan are not eligible and run dense: %s",
+                       len(dropped), ", ".join(dropped))
+        plan = dataclasses.replace(plan, sites={n: p for n, p in plan.sites.items() if n in found},
+                                   signatures=dict(found))
+    return analysis.compile(plan, config=config, lowering=lowering, dominance=dominance)
 
 
 def _log_lowering(report: Report, plan: Plan | None) -> None:

@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import threading
@@ -105,9 +104,10 @@ class InputSpec:
 class Recapture:
     """How a compiled module captures its model again at new input sizes, and the modules captured so far.
 
-    Holds a reference to the original model (captured afresh, as it is then, at each new shape) and the
-    arguments it was compiled with. A deep copy of the compiled module gets a new record with the same
-    model and no captures; a pickled one none (its module then refuses sizes its graph does not hold for).
+    ``build`` captures and compiles the original model (a reference to it, captured afresh, as it is then) at
+    the given inputs with the arguments of the first compile (:func:`exfx.api` makes it). A deep copy of the
+    compiled module gets a new record with the same ``build`` and no captures; a pickled one none (its module
+    then refuses sizes its graph does not hold for).
     """
 
     #: Past this many captures of one module, each new one is logged as a warning: the shapes keep changing.
@@ -115,34 +115,18 @@ class Recapture:
     #: Input-size tuples remembered per module (which graph runs them); forgotten all at once past this.
     MAX_SEEN = 4096
 
-    def __init__(self, model: torch.nn.Module, capture_options: Any, plan: Any = None, config: Any = None,
-                 lowering: str | None = None, dominance: Any = None) -> None:
-        self.model, self.capture_options = model, capture_options
-        self.plan, self.config, self.lowering, self.dominance = plan, config, lowering, dominance
+    def __init__(self, build: Callable[[tuple[Any, ...]], CompiledModule]) -> None:
+        self.build = build
         self.modules: list[CompiledModule] = []
         self.seen: dict[Any, Any] = {}
         self.lock = threading.Lock()
 
     def compile(self, inputs: tuple[Any, ...]) -> CompiledModule:
-        """The model captured at ``inputs`` and compiled as before (no recapture record of its own)."""
-        from exfx.api import analyse  # the API builds compiled modules: imported late
-
-        analysis = analyse(self.model, inputs, capture_options=self.capture_options)
-        analysis.recapture_source = None  # the module here dispatches; the new one only runs
-        plan, found = self.plan, analysis.signatures
-        if plan is not None and plan.signatures and found != plan.signatures \
-                and all(plan.signatures.get(name) == signature for name, signature in found.items()):
-            # Fewer sites are eligible at these sizes (the analysis is conservative where an axis has size 1):
-            # the plan, checked when compiling, applies by name to those left; the others run dense.
-            dropped = sorted(set(plan.signatures) - set(found))
-            logger.warning("exfx: at these input sizes %d site(s) of the plan are not eligible and run dense: %s",
-                           len(dropped), ", ".join(dropped))
-            plan = dataclasses.replace(plan, sites={n: p for n, p in plan.sites.items() if n in found},
-                                       signatures=dict(found))
-        return analysis.compile(plan, config=self.config, lowering=self.lowering, dominance=self.dominance)
+        """The model captured at ``inputs`` and compiled as before."""
+        return self.build(inputs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Recapture:
-        return Recapture(self.model, self.capture_options, self.plan, self.config, self.lowering, self.dominance)
+        return Recapture(self.build)
 
     def __reduce__(self) -> Any:
         return (type(None), ())

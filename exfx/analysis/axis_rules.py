@@ -197,13 +197,15 @@ def _reshape(node: fx.Node, g: AxisGraph) -> None:
             g.join(source, axis, node, axis)
             g.inherit_layout(node, axis, source, axis)
         return
-    prefix = 0
-    while prefix < min(len(in_shape), len(out_shape)) - 1 and in_shape[prefix] == out_shape[prefix]:
-        prefix += 1
+    # The trailing axes first: where sizes of 1 make the match ambiguous ([1, 1, D] -> [1, D], a batch of one
+    # token), the features stay one axis and the size-1 axes merge with each other, not into the features.
     suffix = 0
-    while (suffix < min(len(in_shape), len(out_shape)) - prefix - 1
-           and in_shape[-1 - suffix] == out_shape[-1 - suffix]):
+    while suffix < min(len(in_shape), len(out_shape)) - 1 and in_shape[-1 - suffix] == out_shape[-1 - suffix]:
         suffix += 1
+    prefix = 0
+    while (prefix < min(len(in_shape), len(out_shape)) - suffix - 1
+           and in_shape[prefix] == out_shape[prefix]):
+        prefix += 1
     for axis in range(prefix):
         g.join(source, axis, node, axis)
         g.inherit_layout(node, axis, source, axis)
