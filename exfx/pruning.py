@@ -61,6 +61,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from exfx.cost.flops import leading_size
 from exfx.analysis.axes import AxisGroups
 from exfx.api import analyse
 from exfx.capture import normalise_inputs
@@ -243,6 +244,7 @@ def _magnitude(analysis: AnalysedModel, inputs: tuple[Any, ...], sparsity: float
     report = PruneReport(method="magnitude", order=order, ratio=sparsity, keep_variance=None, layers=(), refused=(),
                          params_before=count_parameters(gm), params_after=count_parameters(pruned),
                          flops_before=flops, flops_after=flops, seconds=time.perf_counter() - start,
+                         examples=leading_size(tuple(inputs)),
                          sparsity=result.sparsity)
     logger.info("snp: %s", report)
     return pruned, report
@@ -335,6 +337,7 @@ def prune_analysed(analysis: AnalysedModel, example_inputs: Any, data: Iterable[
         refused=tuple(RefusedAxis(r.name, r.relu, r.reason) for r in refused),
         params_before=count_parameters(gm), params_after=count_parameters(pruned),
         flops_before=count_forward_flops(gm, inputs), flops_after=count_forward_flops(pruned, inputs),
+        examples=leading_size(tuple(inputs)),
         seconds=time.perf_counter() - start)
     if not layers:
         logger.info("snp: no prunable layer in %s; returning it unchanged\n%s", analysis.model_name, report)

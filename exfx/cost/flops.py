@@ -53,7 +53,7 @@ from exfx.cost.model import DOMINANCE_TEST_FLOPS, dominance_sample_flops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SiteFlops", "FlopReport", "count_flops", "run_counting", "FLOP_CONVENTION",
+__all__ = ["SiteFlops", "FlopReport", "count_flops", "run_counting", "FLOP_CONVENTION", "leading_size", "per_examples",
            "register_native_flop_formulas"]
 
 FLOP_CONVENTION = "2 FLOPs per multiply-add; element-wise ops not counted; exfx test overhead included"
@@ -88,6 +88,13 @@ class FlopReport:
     convention: str = FLOP_CONVENTION
     #: ``relu -> F.linear`` consumers lowered to ``exfx::sparse_input_linear`` (empty unless lowered natively).
     consumers: dict[str, SiteFlops] = field(default_factory=dict)
+    #: The examples the counted call ran on (the first tensor input's leading size), or None if unknown.
+    examples: int | None = None
+
+    @property
+    def per(self) -> str:
+        """What the totals are for (:func:`per_examples`)."""
+        return per_examples(self.examples)
 
     @property
     def reduction(self) -> float:
@@ -103,7 +110,7 @@ class FlopReport:
         return 1.0 - (self.executed + consumer_savings) / self.dense
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"dense": self.dense, "executed": self.executed, "reduction": self.reduction,
+        data = {"dense": self.dense, "executed": self.executed, "examples": self.examples, "reduction": self.reduction,
                 "convention": self.convention, "sites": {k: v.to_dict() for k, v in self.sites.items()}}
         if self.consumers:
             data["enp_reduction"] = self.enp_reduction
@@ -111,7 +118,7 @@ class FlopReport:
         return data
 
     def __str__(self) -> str:
-        lines = [f"dense {self.dense:,} FLOPs, executed {self.executed:,} FLOPs "
+        lines = [f"dense {self.dense:,} FLOPs, executed {self.executed:,} FLOPs {self.per} "
                  f"({100 * self.reduction:.2f}% saved; {self.convention})"]
         for site in self.sites.values():
             lines.append(f"  {site.name:<30} executed {site.executed:>14,}  dense {site.dense:>14,}  "
@@ -283,7 +290,24 @@ def run_counting(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> tuple[
     executed = int(counter.get_total_flops())
     dense = executed + sum(s.dense - s.executed for s in sites.values())
     dense += sum(c.dense - c.executed for c in consumers.values())
-    return output, FlopReport(dense=dense, executed=executed, sites=dict(sites), consumers=dict(consumers))
+    return output, FlopReport(dense=dense, executed=executed, sites=dict(sites), consumers=dict(consumers),
+                              examples=leading_size(inputs, kwargs))
+
+
+def per_examples(examples: int | None) -> str:
+    """What a FLOP total counted on ``examples`` examples is for: ``per example``, ``per batch of N``, or
+    ``per call`` when the batch is unknown."""
+    if examples is None:
+        return "per call"
+    return "per example" if examples == 1 else f"per batch of {examples}"
+
+
+def leading_size(inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> int | None:
+    """The leading (batch) size of the first tensor among the inputs with at least one axis, or None."""
+    for value in (*inputs, *(kwargs or {}).values()):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
 
 
 def count_flops(module: torch.nn.Module, *inputs: Any, **kwargs: Any) -> FlopReport:

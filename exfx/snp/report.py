@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from exfx.cost.flops import per_examples
+
 __all__ = ["LayerPrune", "RefusedAxis", "PruneReport", "count_parameters", "count_forward_flops"]
 
 
@@ -91,6 +93,7 @@ class PruneReport:
     flops_after: int
     seconds: float = 0.0
     sparsity: float | None = None
+    examples: int | None = None  # the batch the FLOPs were counted on (the example inputs')
 
     @property
     def units_removed(self) -> int:
@@ -118,7 +121,7 @@ class PruneReport:
             lines.append(f"global magnitude masks: {self.sparsity:.2%} of linear/conv weights are zero")
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} "
                      f"({_percent(self.params_after, self.params_before)}); "
-                     f"FLOPs {self.flops_before:,} -> {self.flops_after:,} "
+                     f"FLOPs {self.flops_before:,} -> {self.flops_after:,} {per_examples(self.examples)} "
                      f"({_percent(self.flops_after, self.flops_before)}); {self.seconds:.2f} s")
         return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from exfx.errors import ExfxError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "Counts", "Metric", "Batch", "evaluate", "drop_bound", "oracle", "split_batch",
+__all__ = ["Evaluation", "Counts", "Metric", "Batch", "evaluate", "drop_bound", "drop_interval", "oracle", "split_batch",
            "concat_batches",
            "select_examples", "count_examples", "analysis_of", "quiet", "plan_for", "tunable_sites",
            "check_budget", "budget_error", "run_batches", "score_batches",
@@ -142,6 +142,20 @@ def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confide
     Both models are scored on the same resampled examples, so the bound reflects
     how many predictions changed, not just the net change.
     """
+    return float(_bootstrap_drops(metric, baseline, result, rounds, seed).quantile(confidence))
+
+
+def drop_interval(metric: Metric, baseline: Evaluation, result: Evaluation, confidence: float = 0.95,
+                  rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """The central ``confidence`` interval of the metric drop under the same paired bootstrap: how much the drop
+    measured on these examples may differ on others like them."""
+    drops = _bootstrap_drops(metric, baseline, result, rounds, seed)
+    tail = (1.0 - confidence) / 2
+    return float(drops.quantile(tail)), float(drops.quantile(1.0 - tail))
+
+
+def _bootstrap_drops(metric: Metric, baseline: Evaluation, result: Evaluation, rounds: int,
+                     seed: int) -> torch.Tensor:
     count = count_examples(baseline.targets)
     generator = torch.Generator().manual_seed(seed)
     drops = []
@@ -149,7 +163,7 @@ def drop_bound(metric: Metric, baseline: Evaluation, result: Evaluation, confide
         index = torch.randint(0, count, (count,), generator=generator)
         drops.append(float(metric(select_examples(baseline.outputs, index), select_examples(baseline.targets, index)))
                      - float(metric(select_examples(result.outputs, index), select_examples(result.targets, index))))
-    return float(torch.tensor(drops).quantile(confidence))
+    return torch.tensor(drops, dtype=torch.float64)
 
 
 def analysis_of(model: torch.nn.Module | Analysis, example_inputs: Any,
