@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 import exfx
+from exfx import examples
 from exfx.ci import graphdiff
 from exfx.testing import assert_graph_matches
 
@@ -192,3 +193,13 @@ def test_compiled_graph_text_round_trips_through_structural_parser():
     gm = exfx.compile(model, inputs)
     assert graph.number_of_nodes() == len(gm.graph.nodes)
     assert torch.allclose(gm(*inputs), gm(*inputs))
+
+
+def test_native_golden_file(monkeypatch):
+    """The native lowering's graph, pinned with its choices forced (EXFX_FORCE_LOWERING=native): what the timing
+    model picks on a machine is not pinned, the form each site is lowered to is. The text carries each native
+    op's arguments, the dense weight and ``max_rows`` (-1: native at every size) included."""
+    monkeypatch.setenv("EXFX_FORCE_LOWERING", "native")
+    model, inputs = examples.mlp()
+    gm = exfx.compile(model, inputs, lowering="native")
+    assert_graph_matches(gm, GOLDEN / "mlp_native.txt")

@@ -125,7 +125,8 @@ def _node_line(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def site_summary(report: Report | None) -> list[str]:
-    """One line per ReLU-family activation: the site, its shape signature, group, and parameters or reason.
+    """One line per ReLU-family activation: the site, its shape signature, group, and parameters or reason; under
+    the native lowering, the form it was lowered to (the graph text format is unchanged for the reference ops).
 
     Other activations (GELU, sigmoid, ...), never sites, are left out: the text shows what the rewrite did.
     """
@@ -141,7 +142,8 @@ def site_summary(report: Report | None) -> list[str]:
             rule = f"threshold T={threshold}" if p.rule == "threshold" else f"ztest alpha={p.alpha!r}"
             rule = "exact" if p.rule == "exact" else (f"{rule} + exact" if p.exact else rule)
             samples = ",".join(map(str, p.checkpoints))
-            lines.append(f"site {s.name}: {s.signature}; group {s.group}; {rule}; samples {samples}")
+            lowered = f"; lowered {s.lowering}" if s.lowering else ""  # the form (native lowering only)
+            lines.append(f"site {s.name}: {s.signature}; group {s.group}; {rule}; samples {samples}{lowered}")
         else:
             detail = f"{s.signature}; " if s.signature else ""
             lines.append(f"site {s.name}: {detail}not rewritten: {s.reason}")
