@@ -260,6 +260,7 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], *, fake: bool
         try:
             with torch.no_grad():
                 _fake_propagate(gm, inputs)
+            _annotate_stored(gm)
             return
         except Exception as err:  # noqa: BLE001 - any op without a fake kernel: the real run below decides
             logger.debug("fake shape propagation failed (%s: %s); propagating with real tensors",
@@ -271,6 +272,21 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], *, fake: bool
     except Exception as err:  # whatever the model raised, at the node run.failed
         where = _describe_node(gm, run.failed) if run.failed is not None else None
         raise UnsupportedModelError(run_failure_message(where, err)) from err
+    _annotate_stored(gm)
+
+
+def _annotate_stored(gm: fx.GraphModule) -> None:
+    """``tensor_meta`` of every stored tensor the graph reads (``get_attr``), from the tensor itself.
+
+    Whether a shape run annotates them depends on how its values came back (real or fake, and, with weights
+    shared between concurrent compiles, on what another thread's fake run met first); a stored tensor's shape
+    needs no run at all.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _stored_attribute(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                node.meta["tensor_meta"] = _tensor_metadata(value)
 
 
 class _RealShapeProp(fx.Interpreter):
@@ -349,6 +365,20 @@ def _fake_propagate(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
             node.meta.pop("tensor_meta", None)
 
 
+def _stored_attribute(gm: fx.GraphModule, target: str) -> Any:
+    """The attribute ``target`` (dotted) of ``gm``, or None when it is not there.
+
+    Read directly, not from the fake run: the fake run's value of a stored tensor is real or fake depending on
+    whether another thread's fake run has met the same (shared) parameter, which left some graphs unannotated.
+    """
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
 def _tensor_metadata(value: torch.Tensor) -> TensorMetadata:
     """What :class:`ShapeProp` records for a tensor (no quantisation parameters: fake tensors carry none)."""
     memory_format = next((f for f in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
@@ -423,7 +453,7 @@ def _check_hidden_inputs(gm: fx.GraphModule, hidden_inputs: Sequence[str]) -> No
                                     f"its inputs are {names}")
 
 
-def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
+def explain(model: torch.nn.Module, example_inputs: Any, config: Config | Plan | None = None,
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
             capture: str = "auto", capture_options: CaptureOptions | Mapping[str, Any] | None = None,
@@ -435,19 +465,19 @@ def explain(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     Args:
         model, example_inputs, leaf_modules, concrete_args, hidden_inputs, capture, capture_options: as for
             :func:`analyse`.
-        config: global settings (default ``exfx.Config()``).
+        config: global settings (default ``exfx.Config()``); a plan given here is taken as ``plan``.
         plan: per-site parameters overriding ``config``: an :class:`exfx.Plan`, or
             the path of its JSON file.
         lowering: with ``"native"`` (the default), each site's row also says what will run there: a native
             form (native or dense, whichever measures faster, per call), dense, or the reference ops, and why.
     """
-    _check_config(config)
+    config, plan = _config_and_plan(config, plan)
     lowering = resolve_lowering(lowering)
     options = _capture_options(capture_options, leaf_modules, concrete_args, hidden_inputs, capture)
     return analyse(model, example_inputs, capture_options=options).explain(config, plan, lowering=lowering)
 
 
-def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,  # noqa: A001
+def compile(model: torch.nn.Module, example_inputs: Any, config: Config | Plan | None = None,  # noqa: A001
             plan: Plan | str | os.PathLike[str] | None = None, *, leaf_modules: Sequence[str] = (),
             concrete_args: Mapping[str, Any] | None = None, hidden_inputs: Sequence[str] = (),
             capture: str = "auto", capture_options: CaptureOptions | Mapping[str, Any] | None = None,
@@ -466,13 +496,24 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
         exfx.CaptureError: the model cannot be traced (the message says where and how to fix it).
         exfx.PlanMismatchError: ``plan`` was made for another model.
     """
-    _check_config(config)
+    config, plan = _config_and_plan(config, plan)
     lowering = resolve_lowering(lowering)
     if dominance is not None and not isinstance(dominance, DominanceParams):
         raise TypeError(f"dominance must be an exfx.DominanceParams, got {type(dominance).__name__}")
     options = _capture_options(capture_options, leaf_modules, concrete_args, hidden_inputs, capture)
     analysis = analyse(model, example_inputs, capture_options=options)
     return analysis.compile(plan, config=config, lowering=lowering, dominance=dominance)
+
+
+def _config_and_plan(config: Any, plan: Any) -> tuple[Config | None, Any]:
+    """``(config, plan)``, where a plan (or its file's path) given in the config's place is taken as the plan:
+    ``exfx.compile(model, (x,), plan)`` reads as it is meant."""
+    if isinstance(config, (Plan, str, os.PathLike)):
+        if plan is not None:
+            raise TypeError("give the plan once: as the third argument or as plan=, not both")
+        return None, config
+    _check_config(config)
+    return config, plan
 
 
 def _check_config(config: Any) -> None:

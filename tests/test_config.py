@@ -327,3 +327,17 @@ def test_numpy_scalars_are_accepted_and_normalised(tmp_path) -> None:
     assert exfx.Plan.load(tmp_path / "plan.json") == plan
     with pytest.raises(ValueError, match="samples"):
         exfx.Config(samples=np.float64(8.0))
+
+
+def test_a_plan_in_the_config_place_is_the_plan() -> None:
+    """``exfx.compile(model, (x,), plan)`` is what a user writes: the plan is applied, not refused as a config."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(4, 8)
+    plan = exfx.Plan.from_report(exfx.explain(model, (x,), exfx.Config(samples=8)), exfx.Config(samples=8))
+    by_position = exfx.compile(model, (x,), plan).meta["exfx_report"]
+    assert [s.params for s in by_position.eligible] == [s.params for s in
+                                                       exfx.compile(model, (x,), plan=plan).meta["exfx_report"].eligible]
+    assert by_position.eligible[0].params.samples == (8,)
+    with pytest.raises(TypeError, match="give the plan once"):
+        exfx.compile(model, (x,), plan, plan=plan)

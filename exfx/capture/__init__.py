@@ -115,6 +115,11 @@ def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
     The passes never write a weight in place: they assign new tensors to the private copy's attributes (folded
     BatchNorm, relaid weights), so the user's model is never modified, and a large model's weights are not
     held twice. The compiled module therefore reads the model's weights: change them, and compile again.
+
+    Each tensor gets a new wrapper over the same memory, never the model's own object: torch.fx's tracer makes
+    every access to a parameter of the module it traces return a proxy, process-wide, so a parameter object
+    shared with another thread's module would turn into a proxy there while this one traces.
     """
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    shared: dict[int, Any] = {id(b): b.detach() for b in model.buffers()}
+    shared.update({id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()})
     return copy.deepcopy(model, memo=shared)
