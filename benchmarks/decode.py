@@ -87,27 +87,33 @@ def _gated_layers(model: nn.Module, family: str) -> list[nn.Linear]:
 
 
 def set_sparsity(model: nn.Module, family: str, sparsity: float, prompt: torch.Tensor) -> list[float]:
-    """Shift each gated layer's bias, first layer first, so that ``sparsity`` of its ReLU outputs on ``prompt``
-    are zero; the measured zero share of each layer afterwards."""
+    """Shift each gated layer's bias so that ``sparsity`` of its ReLU outputs on ``prompt`` are zero; the measured
+    zero share of each layer afterwards.
+
+    One pass sets them all: each layer's hook shifts its bias and its own output by the same amount, so the next
+    layer already sees the shifted model. A second pass measures.
+    """
     layers = _gated_layers(model, family)
-    measured: list[float] = []
-    for layer in layers:
-        seen: list[torch.Tensor] = []
-        hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().float()))
+
+    def shift(layer: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        amount = torch.quantile(out.detach().float().flatten()[: 1 << 24], sparsity).to(out.dtype)
         with torch.no_grad():
-            model(prompt)
+            layer.bias -= amount
+        return out - amount
+
+    hooks = [layer.register_forward_hook(shift) for layer in layers]
+    with torch.no_grad():
+        model(prompt)
+    for hook in hooks:
         hook.remove()
-        shift = torch.quantile(seen[-1].flatten()[: 1 << 24], sparsity)
-        with torch.no_grad():
-            layer.bias -= shift.to(layer.bias.dtype)
-    for layer in layers:
-        seen = []
-        hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().float()))
-        with torch.no_grad():
-            model(prompt)
+    zeros: dict[int, float] = {}
+    hooks = [layer.register_forward_hook(lambda m, _i, out: zeros.__setitem__(id(m), float((out <= 0).float().mean())))
+             for layer in layers]
+    with torch.no_grad():
+        model(prompt)
+    for hook in hooks:
         hook.remove()
-        measured.append(float((seen[-1] <= 0).float().mean()))
-    return measured
+    return [zeros[id(layer)] for layer in layers]
 
 
 def _generate(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
