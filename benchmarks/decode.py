@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import exfx
+from benchmarks.tables import markdown_table
 from exfx.report import lowering_summary
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
@@ -233,14 +234,13 @@ def run_case(case: Case, dtype: torch.dtype, threads: int, new: int, repeats: in
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    lines = ["| case | dtype | threads | dense tok/s | exfx tok/s | inductor tok/s | speedup | limit | tokens agree | "
-             "lowering |", "|" + "---|" * 10]
-    for r in records:
-        inductor = f"{r['inductor_tok_s']:.2f}" if r["inductor_tok_s"] else "-"
-        lines.append(f"| {r['name']} | {r['dtype']} | {r['threads']} | {r['dense_tok_s']:.2f} | "
-                     f"{r['exfx_tok_s']:.2f} | {inductor} | {r['speedup']:.2f} | {r['limit']:.2f} | "
-                     f"{r['tokens_agree']:.2f} | {r['lowering'][:80]} |")
-    return "\n".join(lines)
+    header = ("case", "dtype", "threads", "dense tok/s", "exfx tok/s", "inductor tok/s", "speedup", "limit",
+              "tokens agree", "lowering")
+    return markdown_table(header, ((r["name"], r["dtype"], str(r["threads"]), f"{r['dense_tok_s']:.2f}",
+                                    f"{r['exfx_tok_s']:.2f}",
+                                    f"{r['inductor_tok_s']:.2f}" if r["inductor_tok_s"] else "-",
+                                    f"{r['speedup']:.2f}", f"{r['limit']:.2f}", f"{r['tokens_agree']:.2f}",
+                                    r["lowering"][:80]) for r in records))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 
 import exfx
+from benchmarks.tables import markdown_table
 from exfx.ops import enp as enp_ops
 from exfx.report import lowering_summary
 
@@ -311,16 +312,18 @@ def _digits_cases(threads: int, repeats: int, flush: _Flush) -> list[dict[str, A
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    lines = ["| case | compiled at | batch | threads | keep | dense ms | exfx ms | reference ms | inductor ms | "
-             "speedup | limit | lowering |", "|" + "---|" * 12]
-    for r in records:
-        cells = {key: f"{r[key]:.2f}" if r.get(key) is not None else "-"
-                 for key in ("inductor_ms", "limit", "keep", "reference_ms")}
+    header = ("case", "compiled at", "batch", "threads", "keep", "dense ms", "exfx ms", "reference ms", "inductor ms",
+              "speedup", "limit", "lowering")
+
+    def cells(r: dict[str, Any]) -> tuple[str, ...]:
+        optional = {key: f"{r[key]:.2f}" if r.get(key) is not None else "-"
+                    for key in ("inductor_ms", "limit", "keep", "reference_ms")}
         flag = "" if r["meets_target"] else " **(>5% slower)**"
-        lines.append(f"| {r['name']} | {r.get('compiled_at', r['batch'])} | {r['batch']} | {r['threads']} | "
-                     f"{cells['keep']} | {r['dense_ms']:.2f} | {r['exfx_ms']:.2f} | {cells['reference_ms']} | "
-                     f"{cells['inductor_ms']} | {r['speedup']:.2f}{flag} | {cells['limit']} | {r['lowering'][:90]} |")
-    return "\n".join(lines)
+        return (r["name"], str(r.get("compiled_at", r["batch"])), str(r["batch"]), str(r["threads"]),
+                optional["keep"], f"{r['dense_ms']:.2f}", f"{r['exfx_ms']:.2f}", optional["reference_ms"],
+                optional["inductor_ms"], f"{r['speedup']:.2f}{flag}", optional["limit"], r["lowering"][:90])
+
+    return markdown_table(header, (cells(r) for r in records))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -143,21 +143,11 @@ def test_opt_shapes_of_the_issue(opt):
 
 @pytest.mark.slow
 @transformers
+@pytest.mark.parametrize("name", ["opt", "bert"])
 @SETTINGS
 @given(batch=st.integers(1, 5), tokens=st.integers(1, 64))
-def test_opt_never_prune_equals_the_model(opt, batch, tokens):
-    model, never, pruned = opt
-    ids = _ids(batch, tokens, seed=tokens)
-    _same(never, model, ids)
-    _enp_holds(pruned, ids)
-
-
-@pytest.mark.slow
-@transformers
-@SETTINGS
-@given(batch=st.integers(1, 5), tokens=st.integers(1, 64))
-def test_bert_never_prune_equals_the_model(bert, batch, tokens):
-    model, never, pruned = bert
+def test_language_model_never_prune_equals_the_model(request, name, batch, tokens):
+    model, never, pruned = request.getfixturevalue(name)  # module-scoped: compiled once per model
     ids = _ids(batch, tokens, seed=tokens)
     _same(never, model, ids)
     _enp_holds(pruned, ids)
