@@ -122,23 +122,13 @@ def _generate(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
         return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
 
-class _Exfx:
-    """``model`` decoding through the exfx backend; the compiled graphs are kept for their reports."""
+class _Forward:
+    """``with`` it, ``model`` runs ``compiled`` as its ``forward`` (``generate`` keeps its own loop)."""
 
-    def __init__(self, model: nn.Module, config: exfx.Config) -> None:
-        self.graphs: list[Any] = []
-        self.model = model
-        self.forward = model.forward
-        options = {"config": config.to_dict(), "inner": "eager"}
+    def __init__(self, model: nn.Module, compiled: Callable[..., Any]) -> None:
+        self.model, self.forward, self.compiled = model, model.forward, compiled
 
-        def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-            run = exfx.dynamo_backend.exfx_backend(gm, inputs, options=options)
-            self.graphs.append(run.exfx_graph)
-            return run
-
-        self.compiled = torch.compile(self.forward, backend=backend)
-
-    def __enter__(self) -> _Exfx:
+    def __enter__(self) -> _Forward:
         self.model.forward = self.compiled
         return self
 
@@ -146,17 +136,16 @@ class _Exfx:
         self.model.forward = self.forward
 
 
-class _Inductor:
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.forward = model, model.forward
-        self.compiled = torch.compile(self.forward)
+def _exfx(model: nn.Module, config: exfx.Config, graphs: list[Any]) -> _Forward:
+    """``model`` decoding through the exfx backend; each compiled graph is appended to ``graphs``."""
+    options = {"config": config.to_dict(), "inner": "eager"}
 
-    def __enter__(self) -> _Inductor:
-        self.model.forward = self.compiled
-        return self
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        run = exfx.dynamo_backend.exfx_backend(gm, inputs, options=options)
+        graphs.append(run.exfx_graph)
+        return run
 
-    def __exit__(self, *_: Any) -> None:
-        self.model.forward = self.forward
+    return _Forward(model, torch.compile(model.forward, backend=backend))
 
 
 def _weight_bytes(model: nn.Module, family: str, keep: list[float], dtype: torch.dtype) -> tuple[float, float]:
@@ -183,7 +172,8 @@ def run_case(case: Case, dtype: torch.dtype, threads: int, new: int, repeats: in
     zeros = set_sparsity(model, case.family, case.sparsity, calibration)
     model = model.to(dtype)
     dense_tokens = _generate(model, prompt, new)
-    exfx_run = _Exfx(model, exfx.Config(threshold=0.0, samples=32))
+    graphs: list[Any] = []
+    exfx_run = _exfx(model, exfx.Config(threshold=0.0, samples=32), graphs)
     with exfx_run:
         exfx_tokens = _generate(model, prompt, new)  # compiles (prefill and decode graphs), untimed
     runs: dict[str, Callable[[], Any]] = {"dense": lambda: _generate(model, prompt, new)}
@@ -195,7 +185,7 @@ def run_case(case: Case, dtype: torch.dtype, threads: int, new: int, repeats: in
     runs["exfx"] = with_exfx
     inductor_note = "skipped (--no-inductor)"
     if inductor:
-        compiled = _Inductor(model)
+        compiled = _Forward(model, torch.compile(model.forward))
         started = time.perf_counter()
         try:
             with compiled:
@@ -219,13 +209,13 @@ def run_case(case: Case, dtype: torch.dtype, threads: int, new: int, repeats: in
     keep = [1.0 - z for z in zeros]
     dense_bytes, exfx_bytes = _weight_bytes(model, case.family, keep, dtype)
     agree = float((exfx_tokens[0, PROMPT:] == dense_tokens[0, PROMPT:]).float().mean())
-    lowering = "; ".join(dict.fromkeys(lowering_summary(g.meta["exfx_report"]) for g in exfx_run.graphs))
+    lowering = "; ".join(dict.fromkeys(lowering_summary(g.meta["exfx_report"]) for g in graphs))
     record = {"name": case.name, "threads": threads, "batch": 1, "dtype": str(dtype).removeprefix("torch."),
               "sparsity": case.sparsity, "measured_sparsity": statistics.mean(zeros), "new_tokens": new,
               "dense_tok_s": tok_s["dense"], "exfx_tok_s": tok_s["exfx"],
               "inductor_tok_s": tok_s.get("inductor"), "inductor_note": inductor_note,
               "speedup": tok_s["exfx"] / tok_s["dense"], "limit": dense_bytes / exfx_bytes,
-              "tokens_agree": agree, "graphs": len(exfx_run.graphs), "lowering": lowering,
+              "tokens_agree": agree, "graphs": len(graphs), "lowering": lowering,
               "weights": "synthetic (random init, biases shifted for the sparsity)", "repeats": repeats}
     record["meets_target"] = record["speedup"] >= TARGET
     record["share_of_limit"] = record["speedup"] / record["limit"]

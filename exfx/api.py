@@ -51,6 +51,7 @@ from exfx.errors import UnsupportedModelError
 from exfx.meta import REPORT_KEY, SHAPE_GUARDS_KEY, SiteDecision, SiteMatch
 from exfx.passes import CanonicalizePass, ExchangeabilityPass, FoldBatchNormPass
 from exfx.passes.annotate_pass import decide_head, decide_sites, resolve_lowering
+from exfx.passes.attributes import owner_of
 from exfx.passes.pipeline import compile_passes
 from exfx.report import Report, SiteInfo, find_site, lowering_rows, lowering_summary
 
@@ -283,10 +284,14 @@ def _annotate_stored(gm: fx.GraphModule) -> None:
     needs no run at all.
     """
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = _stored_attribute(gm, str(node.target))
-            if isinstance(value, torch.Tensor):
-                node.meta["tensor_meta"] = _tensor_metadata(value)
+        if node.op != "get_attr":
+            continue
+        try:
+            value = getattr(*owner_of(gm, str(node.target)))
+        except AttributeError:  # not stored on the module: nothing to annotate
+            continue
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = _tensor_metadata(value)
 
 
 class _RealShapeProp(fx.Interpreter):
@@ -363,20 +368,6 @@ def _fake_propagate(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
                                                    for v in value)
         else:
             node.meta.pop("tensor_meta", None)
-
-
-def _stored_attribute(gm: fx.GraphModule, target: str) -> Any:
-    """The attribute ``target`` (dotted) of ``gm``, or None when it is not there.
-
-    Read directly, not from the fake run: the fake run's value of a stored tensor is real or fake depending on
-    whether another thread's fake run has met the same (shared) parameter, which left some graphs unannotated.
-    """
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _tensor_metadata(value: torch.Tensor) -> TensorMetadata:

@@ -226,8 +226,9 @@ def _contradiction(record: SiteDecision, match: SiteMatch | None) -> str:
         return f"samples {params.checkpoints} exceed the fan-in {match.fan_in}"
     if params.exact and not match.exact_available:
         return "asks for the exact rule where it is unavailable"
-    if record.lowering == "native" and native_blocker(match, params):
-        return f"asks for a native form, but {native_blocker(match, params)}"
+    blocker = native_blocker(match, params) if record.lowering == "native" else ""
+    if blocker:
+        return f"asks for a native form, but {blocker}"
     return ""
 
 

@@ -118,14 +118,9 @@ class _Consumer:
 
     @property
     def other(self) -> fx.Node | None:
-        """The gate's other operand (``up(x)``), or None."""
-        if self.gate is None:
-            return None
-        return next((a for a in self.gate.args if isinstance(a, fx.Node) and a is not self._site_output), None)
-
-    @property
-    def _site_output(self) -> fx.Node:
-        return _linear_operands(self.linear)[0] if self.gate is None else self.gate.args[0]
+        """The gate's other operand (``up(x)``: the second; :func:`_consumers` takes ``mul(site output, other)``
+        only), or None."""
+        return None if self.gate is None else self.gate.args[1]  # type: ignore[return-value]
 
 
 def _is_mul(node: fx.Node) -> bool:
@@ -217,20 +212,23 @@ class _Values:
     param: float
     name: str
 
+    def _state(self) -> Tensor:
+        """The reference ``partial_sum`` at the site's one checkpoint (with moments under the z-test)."""
+        with torch.no_grad():
+            return _OPS.partial_sum(self.x, self.weight, None, None, 0, self.count, self.n_units, [], [], [], 1,
+                                    self.rule == "ztest", self.name)
+
     def statistic(self) -> Tensor:
         """The early-exit statistic of every neuron (what the rule compares with its cutoff)."""
         with torch.no_grad():
-            state = _OPS.partial_sum(self.x, self.weight, None, None, 0, self.count, self.n_units, [], [], [], 1,
-                                     self.rule == "ztest", self.name)
-            return exit_statistic(state, self.weight, self.bias, self.residual, self.count, self.n_units, self.rule)
+            return exit_statistic(self._state(), self.weight, self.bias, self.residual, self.count, self.n_units,
+                                  self.rule)
 
     def measured_keep(self) -> float:
         """The share of neurons the reference ``early_exit`` keeps on the example inputs."""
         with torch.no_grad():
-            state = _OPS.partial_sum(self.x, self.weight, None, None, 0, self.count, self.n_units, [], [], [], 1,
-                                     self.rule == "ztest", self.name)
-            active = _OPS.early_exit(state, self.weight, self.bias, self.residual, None, self.count, self.fan_in,
-                                     self.rule, self.param, self.name)
+            active = _OPS.early_exit(self._state(), self.weight, self.bias, self.residual, None, self.count,
+                                     self.fan_in, self.rule, self.param, self.name)
         return float(active.float().mean())
 
     def cutoff_keeping(self, keep: float) -> float:
