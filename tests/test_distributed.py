@@ -102,6 +102,7 @@ def _worker(folder: Path) -> None:
         errors["weights"] = str(error)
     plans = exfx.calibrate_budgets(model, example, shard, _agreement, BUDGETS, **OPTIONS)
     (folder / f"rank{rank}.json").write_text(json.dumps({"plans": _record(plans), "errors": errors}))
+    dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     dist.destroy_process_group()
 
 
